@@ -1,0 +1,44 @@
+# make test : fresh machine -> venv, pinned deps, CUDA extension built (required), ruff, pytest.
+# make demo : the main job on the embedded default.
+SHELL := /bin/bash
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PY := python
+else
+PY := $(VENV)/bin/python
+endif
+STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.slim-deps-stamp
+SLIM_OPS_CUDA ?= ON
+PYTEST_ARGS ?=
+
+.PHONY: venv deps install lint test demo bench gpu-check clean
+
+venv:
+ifndef VIRTUAL_ENV
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+endif
+
+$(STAMP): requirements-dev.txt | venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+deps: $(STAMP)
+
+install: deps
+	SLIM_OPS_CUDA=$(SLIM_OPS_CUDA) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+lint: deps
+	$(PY) -m ruff check .
+
+test: install lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m slim_rl demo
+
+bench: install
+	$(PY) benchmarks/bench_cpu.py
+
+clean:
+	rm -rf build *.egg-info slim_ops/_C*.so
