@@ -1,0 +1,286 @@
+"""Quadrature, per-block mask schedules and training-row construction (SPEC §4.2 and §5).
+
+Everything here is vectorised and runs on the device of its inputs; the only host synchronisation is
+the one that sizes the output of :func:`build_trace_rows` (its row count depends on the step maps).
+
+Row layout used by both builders: one row per (response, level), ``[R', L1]`` tensors where L1 is the
+padded response length. ``noisy_ids`` is the noisy stream X (clean ids with the noise set replaced by
+the mask id), ``loss_mask`` is the loss set M (noise set minus pads), ``response_index`` says which
+response a row belongs to (advantages stay attached to their responses through it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = ["SlimRows", "TraceRows", "quadrature", "block_mask_probs", "build_slim_rows", "build_trace_rows"]
+
+_SHAPES = ("cosine", "linear")
+_SCHEDULES = ("response", "padded")
+
+
+class SlimRows(NamedTuple):
+    """Rows of the SLIM objective.
+
+    noisy_ids [R', L1] int64 · loss_mask [R', L1] bool · weights [R'] fp32 (quadrature weight of the
+    row's node) · node_index [R'] int64 · response_index [R'] int64 · noise_mask [R', L1] bool (the
+    positions replaced by the mask id, pads included) · t [R'] fp32 (the row's node).
+    """
+
+    noisy_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    weights: torch.Tensor
+    node_index: torch.Tensor
+    response_index: torch.Tensor
+    noise_mask: torch.Tensor
+    t: torch.Tensor
+
+
+class TraceRows(NamedTuple):
+    """Rows of the TraceRL baseline.
+
+    noisy_ids [R', L1] int64 · loss_mask [R', L1] bool (the round's targets) · weights [R'] fp32 (all
+    ones: TraceRL has no quadrature weights) · round_index [R'] int64 · response_index [R'] int64 ·
+    noise_mask [R', L1] bool.
+    """
+
+    noisy_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    weights: torch.Tensor
+    round_index: torch.Tensor
+    response_index: torch.Tensor
+    noise_mask: torch.Tensor
+
+
+def quadrature(n: int, *, dtype: torch.dtype = torch.float64,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss–Legendre nodes and weights on [0, 1].
+
+    With (x_k, ω_k) the Gauss–Legendre rule on [-1, 1]: t_k = (x_k + 1)/2, w_k = ω_k/2, so Σ w_k = 1
+    and Σ w_k f(t_k) integrates polynomials of degree ≤ 2n−1 over [0, 1] exactly.
+    n = 3 → t = (0.1127017, 0.5, 0.8872983), w = (5/18, 8/18, 5/18).
+
+    Returns ``(nodes [n], weights [n])`` ascending, ``dtype`` (default fp64) on ``device``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"quadrature: n must be a positive int (number of nodes), got {n!r}")
+    x, w = np.polynomial.legendre.leggauss(int(n))
+    nodes = torch.tensor((x + 1.0) / 2.0, dtype=torch.float64)
+    weights = torch.tensor(w / 2.0, dtype=torch.float64)
+    return nodes.to(device=device, dtype=dtype), weights.to(device=device, dtype=dtype)
+
+
+def _check_schedule_args(spread: float, shape: str) -> None:
+    if shape not in _SHAPES:
+        raise ValueError(f"shape must be one of {_SHAPES}, got {shape!r}")
+    if not (isinstance(spread, (int, float)) and math.isfinite(spread) and spread >= 0):
+        raise ValueError(f"spread must be a finite float >= 0, got {spread!r}")
+
+
+def _block_probs(t: torch.Tensor, nb: torch.Tensor, j: torch.Tensor, spread: float, shape: str,
+                 decreasing: bool) -> torch.Tensor:
+    """p for node t, nb blocks, block index j (all broadcastable tensors; t floating)."""
+    cap = 2.0 * torch.minimum(t, 1.0 - t) - 1e-6
+    sig = torch.clamp(torch.minimum(torch.full_like(t, spread), cap), min=0.0)
+    denom = torch.clamp(nb - 1, min=1).to(t.dtype)
+    frac = j.to(t.dtype) / denom                        # 0 .. 1 over the blocks
+    if not decreasing:
+        frac = 1.0 - frac
+    if shape == "cosine":
+        delta = 0.5 * sig * torch.cos(math.pi * frac)
+    else:
+        delta = 0.5 * sig - sig * frac
+    return torch.where(nb <= 1, t, t + delta)
+
+
+def block_mask_probs(t: float | torch.Tensor, num_blocks: int, spread: float = 0.2, shape: str = "cosine",
+                     decreasing: bool = True) -> torch.Tensor:
+    """Per-block mask probabilities for quadrature node ``t`` over ``num_blocks`` blocks (SPEC §4.2).
+
+    σ_eff = max(0, min(σ, 2·min(t, 1−t) − 1e−6));  nb = 1 → p_0 = t;
+    cosine: p_j = t + (σ_eff/2)·cos(π·j/(nb−1));   linear: p_j = t + σ_eff/2 − σ_eff·j/(nb−1).
+    ``decreasing=False`` mirrors the schedule (p_j ↔ p_{nb−1−j}). The mean over blocks is exactly t.
+
+    Args:
+        t: node in [0, 1] (float, or a tensor of any shape: the result gets a trailing ``[nb]`` axis).
+        num_blocks: nb ≥ 1.
+        spread: σ ≥ 0. shape: "cosine" | "linear".
+    Returns:
+        fp64 tensor ``[nb]`` (or ``[*t.shape, nb]``; a tensor ``t`` keeps its floating dtype and device).
+    """
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+    _check_schedule_args(spread, shape)
+    if isinstance(t, torch.Tensor):
+        tt = t if t.is_floating_point() else t.double()
+    else:
+        tt = torch.tensor(float(t), dtype=torch.float64)
+    if bool(((tt < 0) | (tt > 1)).any()):
+        raise ValueError(f"t must lie in [0, 1], got {t!r}")
+    j = torch.arange(num_blocks, device=tt.device)
+    nb = torch.tensor(num_blocks, device=tt.device)
+    return _block_probs(tt.unsqueeze(-1), nb, j, float(spread), shape, decreasing)
+
+
+def _check_response(response_ids: torch.Tensor, name: str = "response_ids") -> None:
+    if not isinstance(response_ids, torch.Tensor) or response_ids.dim() != 2:
+        raise ValueError(f"{name} must be an int64 tensor [B, L1], got "
+                         f"{getattr(response_ids, 'shape', type(response_ids))}")
+    if response_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must be int64 (or int32), got {response_ids.dtype}")
+
+
+def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, block_size: int, mask_id: int,
+                    pad_id: int, num_nodes: int = 3, spread: float = 0.2, shape: str = "cosine",
+                    decreasing: bool = True, schedule_blocks: str = "response",
+                    generator: torch.Generator | None = None) -> SlimRows:
+    """Trace-free random-masking rows: ``num_nodes`` noisy copies of every response (SPEC §4.2).
+
+    For response b (valid length n_b = response_len[b]) and quadrature node (t_k, w_k):
+      nb = ⌈n_b/K⌉ (``schedule_blocks="response"``) or ⌈L1/K⌉ (``"padded"``, the reference);
+      noise_i ~ Bernoulli(p_{⌊i/K⌋}) with p from :func:`block_mask_probs` for blocks ⌊i/K⌋ < nb
+      (positions in later blocks are pure padding, never seen by a loss position, and stay clean);
+      M = noise ∩ {i < n_b}; when M is empty one uniformly chosen valid position is masked
+      (**Decision**: the forced position is drawn among valid positions so a row is only empty —
+      and dropped — when n_b = 0); X = where(noise, mask_id, response_ids).
+
+    Args:
+        response_ids: [B, L1] int64, right-padded with ``pad_id``; the rollout's own token ids.
+        response_len: [B] integer tensor, valid tokens per response (0 ≤ n_b ≤ L1).
+        block_size: K ≥ 1. mask_id / pad_id: token ids.
+        num_nodes: n_q ≥ 1 quadrature nodes (rows per response).
+        generator: a ``torch.Generator`` on the tensors' device for determinism.
+    Returns:
+        :class:`SlimRows`; rows ordered response-major (row = b·n_q + k before empty rows are dropped).
+        Weights sum to 1 per response when none of its rows was dropped.
+    """
+    _check_response(response_ids)
+    if not isinstance(response_len, torch.Tensor) or response_len.shape != response_ids.shape[:1]:
+        raise ValueError(f"response_len must be a tensor [B]={tuple(response_ids.shape[:1])}, got "
+                         f"{getattr(response_len, 'shape', type(response_len))}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if schedule_blocks not in _SCHEDULES:
+        raise ValueError(f"schedule_blocks must be one of {_SCHEDULES}, got {schedule_blocks!r}")
+    _check_schedule_args(spread, shape)
+    B, L1 = response_ids.shape
+    dev = response_ids.device
+    lens = response_len.to(device=dev, dtype=torch.int64)
+    if B and bool(((lens < 0) | (lens > L1)).any()):
+        raise ValueError(f"response_len must lie in [0, L1={L1}], got min {int(lens.min())} "
+                         f"max {int(lens.max())}")
+    nodes, weights = quadrature(num_nodes, dtype=torch.float32, device=dev)
+    Q = nodes.numel()
+    ids = response_ids.to(torch.int64)
+
+    R = B * Q
+    resp = torch.arange(B, device=dev).repeat_interleave(Q)          # [R]
+    node = torch.arange(Q, device=dev).repeat(B)                     # [R]
+    t = nodes[node]                                                  # [R]
+    row_len = lens[resp]                                             # [R]
+    if schedule_blocks == "response":
+        nb = (row_len + block_size - 1) // block_size
+    else:
+        nb = torch.full_like(row_len, (L1 + block_size - 1) // block_size)
+    pos = torch.arange(L1, device=dev)                               # [L1]
+    blk = pos // block_size
+    p = _block_probs(t[:, None], nb[:, None], blk[None, :], float(spread), shape, decreasing)  # [R, L1]
+    u = torch.rand((R, L1), generator=generator, device=dev)
+    noise = (u < p) & (blk[None, :] < nb[:, None])
+    valid = pos[None, :] < row_len[:, None]
+    loss = noise & valid
+    # force one valid position into rows whose loss set is empty
+    need = ~loss.any(dim=1) & (row_len > 0)
+    u1 = torch.rand((R,), generator=generator, device=dev)
+    forced = (u1 * row_len.to(torch.float32)).to(torch.int64)
+    forced = torch.minimum(forced, torch.clamp(row_len - 1, min=0))
+    force = need[:, None] & (pos[None, :] == forced[:, None])
+    noise = noise | force
+    loss = loss | force
+    keep = loss.any(dim=1)
+    if not bool(keep.all()):
+        idx = keep.nonzero().squeeze(1)
+        resp, node, noise, loss, t = resp[idx], node[idx], noise[idx], loss[idx], t[idx]
+    noisy = torch.where(noise, torch.full_like(ids[resp], mask_id), ids[resp])
+    return SlimRows(noisy, loss, weights[node], node, resp, noise, t)
+
+
+def _dense_block_rank(step_map: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Dense rank of each valid position's step within its block (0 = earliest step); −1 for invalid."""
+    B, L1 = step_map.shape
+    nbk = (L1 + block_size - 1) // block_size
+    padn = nbk * block_size - L1
+    big = torch.iinfo(torch.int64).max
+    s = torch.where(valid, step_map.to(torch.int64), torch.full_like(step_map, big, dtype=torch.int64))
+    v = valid
+    if padn:
+        s = torch.nn.functional.pad(s, (0, padn), value=big)
+        v = torch.nn.functional.pad(v, (0, padn), value=False)
+    s = s.view(B, nbk, block_size)
+    v = v.view(B, nbk, block_size)
+    k = torch.arange(block_size, device=s.device)
+    eq = s[..., :, None] == s[..., None, :]                           # [B, nb, K, K]
+    earlier = k[None, :] < k[:, None]                                 # [K(j), K(k)]: k < j
+    first = v & ~(eq & earlier & v[..., None, :]).any(dim=-1)         # first occurrence of its value
+    less = (s[..., None, :] < s[..., :, None]) & first[..., None, :]  # [.., i, j]: s_j < s_i, j first
+    rank = less.sum(dim=-1)
+    rank = torch.where(v, rank, torch.full_like(rank, -1))
+    return rank.view(B, nbk * block_size)[:, :L1]
+
+
+def build_trace_rows(response_ids: torch.Tensor, step_map: torch.Tensor, *, block_size: int, shrink: int,
+                     mask_id: int, pad_id: int, response_len: torch.Tensor | None = None) -> TraceRows:
+    """TraceRL trajectory-slicing rows (SPEC §5).
+
+    σ_i = step_map[b, i] is the global decode step that committed token i. In every block β the
+    distinct σ values u_0 < … < u_{D−1} are grouped in runs of ``shrink`` (group g = ⌊rank/shrink⌋,
+    i.e. the run collapses onto its last value). Round r builds one row with, per block,
+    targets T_β = {group = r} and noise N_β = {group ≥ r}: X = mask_id on ∪N_β, M = ∪T_β.
+    Rows per response = max_β ⌈D_β/shrink⌉.
+
+    Args:
+        response_ids: [B, L1] int64 right-padded. step_map: [B, L1] integer (any value on pads).
+        response_len: optional [B] valid lengths; by default
+            valid = (response_ids != pad_id) & (step_map ≥ 0).
+    Returns:
+        :class:`TraceRows`, rows ordered by response then round.
+    """
+    _check_response(response_ids)
+    if not isinstance(step_map, torch.Tensor) or step_map.shape != response_ids.shape or \
+            step_map.is_floating_point() or step_map.dtype == torch.bool:
+        got = f"{getattr(step_map, 'dtype', type(step_map))} {tuple(getattr(step_map, 'shape', ()))}"
+        raise ValueError(f"step_map must be an integer tensor of shape {tuple(response_ids.shape)}, "
+                         f"got {got}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if isinstance(shrink, bool) or not isinstance(shrink, int) or shrink < 1:
+        raise ValueError(f"shrink must be an int >= 1, got {shrink!r}")
+    B, L1 = response_ids.shape
+    dev = response_ids.device
+    ids = response_ids.to(torch.int64)
+    pos = torch.arange(L1, device=dev)
+    if response_len is not None:
+        if response_len.shape != (B,):
+            raise ValueError(f"response_len must be [B]={B}, got {tuple(response_len.shape)}")
+        valid = pos[None, :] < response_len.to(dev, torch.int64)[:, None]
+    else:
+        valid = (ids != pad_id) & (step_map >= 0)
+    rank = _dense_block_rank(step_map.to(dev), valid, block_size)
+    group = torch.where(valid, rank // shrink, torch.full_like(rank, -1))  # [B, L1]
+    if L1:
+        rounds = (group.max(dim=1).values + 1).clamp(min=0)
+    else:
+        rounds = torch.zeros(B, dtype=torch.int64, device=dev)
+    resp = torch.arange(B, device=dev).repeat_interleave(rounds)          # one host sync (row count)
+    starts = torch.cumsum(rounds, 0) - rounds
+    rnd = torch.arange(resp.numel(), device=dev) - starts[resp]
+    g = group[resp]
+    loss = g == rnd[:, None]
+    noise = g >= rnd[:, None]
+    noisy = torch.where(noise, torch.full_like(g, mask_id), ids[resp])
+    w = torch.ones(resp.numel(), dtype=torch.float32, device=dev)
+    return TraceRows(noisy, loss, w, rnd, resp, noise)
