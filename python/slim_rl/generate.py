@@ -1,0 +1,529 @@
+"""Block-diffusion generation engine for SDAR-, LLaDA- and Dream-style models (SPEC §2, §3).
+
+One batched driver for the three families (see :mod:`slim_rl.models` for the ``family`` / ``shift``
+attributes it reads):
+
+* **SDAR** (``model.block_causal``): the left-padded prompts are prefilled once with the staircase
+  layout (prompt blocks right-aligned to the prompt end, SPEC §3.3); each response block is denoised
+  against the KV cache of everything before it (decode layout, SPEC §3.2: the block attends to the
+  whole cache and bidirectionally to itself). The K/V appended by a denoising forward are cropped off
+  again; when the block is complete one "save" forward appends its final K/V. With
+  ``use_cache=False`` every step recomputes the whole prefix with the staircase layout instead (same
+  function, used to check the cache).
+* **LLaDA / Dream**: no cache; every step runs the whole canvas ``[prompt ‖ L1 response slots]``
+  with bidirectional attention (prompt pads hidden) and reads the K logit rows of the current block.
+  Dream's one-position shift is handled in one place, :func:`_logit_rows` (row ``j − shift`` scores
+  slot ``j``).
+
+Response blocks start at the prompt end (SPEC §3.5): block ``b`` holds response tokens
+``[b·K, (b+1)·K)``; ``⌈max_new_tokens/K⌉`` blocks are decoded and the output is cut at
+``max_new_tokens`` and after the first EOS. Each step turns the block's logits into tokens and
+confidences and commits a subset with :func:`slim_ops.tau_budget_step` (τ-budget, threshold or top-k
+rule) using the static floor ``f_j = ⌊K/S⌋ + [j < K mod S]`` of SPEC §2.1 (so a block is always
+complete after ``S = steps_per_block`` steps).
+
+Batching: prompts of different lengths are left-padded (pad keys hidden, RoPE positions count only
+real tokens, so a batched row computes exactly what it computes alone). Everything inside a block
+stays on the device; the host looks at the device once per block (which rows produced EOS: those leave
+the batch, their cache rows are dropped) and, to stop a block early once every row is complete, at a
+flag one step old (on CUDA it waits for step ``j−1`` while step ``j`` is already queued, so the queue is
+never drained; at most one extra no-op forward per block).
+
+Metrics are recorded on the device per row and per *row step* (a row's own denoising steps, counted
+across blocks; steps in which the row's block was already complete are not counted): ``step_map``,
+``commits``, ``ewc`` (expected wrong commits Σ_{j∈C}(1 − c_j)), ``nfe``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+
+from slim_rl.models import model_info
+
+STRATEGIES = ("tau_budget", "threshold", "topk")
+
+__all__ = ["GenerateOutput", "generate", "STRATEGIES"]
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Result of :func:`generate` for B prompts (row i = prompt i, in input order).
+
+    Per prompt (lists of 1D CPU tensors, response cut at ``max_new_tokens`` and after the first EOS,
+    the EOS included):
+        sequences: int64 response token ids.
+        step_map: int32, the row step (0-based, counted over the row's denoising steps across blocks)
+            at which each token was committed.
+        confidence: fp32, the confidence c_j the token had when it was committed.
+    Per row, over the whole decoded canvas of ``L1 = ⌈max_new_tokens/K⌉·K`` slots (CPU tensors):
+        tokens: int64 [B, L1] every committed token (``pad_id`` in blocks never decoded because the row
+            had already finished).
+        full_step_map: int32 [B, L1] (−1 where not decoded). full_confidence: fp32 [B, L1] (NaN there).
+        commits: int32 [B, S_max] |C| at each row step (0 past the row's last step), S_max = nb·S.
+        ewc: fp32 [B, S_max] Σ_{j∈C}(1 − c_j) at each row step.
+        nfe: int64 [B] denoising forwards each row took (= its number of row steps).
+        finished: bool [B] the row produced EOS.
+        prompt_lengths: int64 [B].
+    Totals:
+        model_calls: batched forward passes run (prefill, denoising steps and cache-save passes).
+        forward_tokens: token positions those forwards processed (Σ batch·length; compute proxy).
+    """
+
+    sequences: list[torch.Tensor]
+    step_map: list[torch.Tensor]
+    confidence: list[torch.Tensor]
+    tokens: torch.Tensor
+    full_step_map: torch.Tensor
+    full_confidence: torch.Tensor
+    commits: torch.Tensor
+    ewc: torch.Tensor
+    nfe: torch.Tensor
+    finished: torch.Tensor
+    prompt_lengths: torch.Tensor
+    block_size: int
+    steps_per_block: int
+    model_calls: int = 0
+    forward_tokens: int = 0
+
+    @property
+    def num_generated(self) -> int:
+        """Σ committed tokens over all rows (including tokens after EOS inside the last block)."""
+        return int(self.commits.sum())
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Committed tokens per denoising forward, Σ_rows commits / Σ_rows nfe."""
+        n = int(self.nfe.sum())
+        return self.num_generated / n if n else float("nan")
+
+    @property
+    def nfe_per_token(self) -> float:
+        """Σ nfe / Σ committed tokens (the inverse of :attr:`tokens_per_forward`)."""
+        g = self.num_generated
+        return int(self.nfe.sum()) / g if g else float("nan")
+
+    def _valid_steps(self) -> torch.Tensor:
+        s = torch.arange(self.commits.shape[1])
+        return s[None, :] < self.nfe[:, None]
+
+    @property
+    def commits_histogram(self) -> torch.Tensor:
+        """int64 [K+1]: number of row steps that committed 0, 1, …, K tokens."""
+        vals = self.commits[self._valid_steps()].to(torch.int64)
+        return torch.bincount(vals, minlength=self.block_size + 1)
+
+    @property
+    def mean_ewc(self) -> float:
+        """Mean expected wrong commits per row step (the paper's Figure 5 quantity)."""
+        v = self._valid_steps()
+        n = int(v.sum())
+        return float(self.ewc[v].double().sum() / n) if n else float("nan")
+
+    @property
+    def mean_commits(self) -> float:
+        """Mean |C| per row step (= :attr:`tokens_per_forward`)."""
+        return self.tokens_per_forward
+
+    def metrics(self) -> dict[str, float | int | list[int]]:
+        """The rollout metrics as plain Python values (SPEC §4.7)."""
+        return {
+            "tokens_per_forward": self.tokens_per_forward,
+            "nfe_per_token": self.nfe_per_token,
+            "mean_ewc": self.mean_ewc,
+            "commits_histogram": self.commits_histogram.tolist(),
+            "nfe_total": int(self.nfe.sum()),
+            "generated_tokens": self.num_generated,
+            "response_tokens": int(sum(len(s) for s in self.sequences)),
+            "model_calls": self.model_calls,
+            "finished_fraction": float(self.finished.float().mean()) if len(self.finished) else float("nan"),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool [B, Lq, Lk] -> additive float mask [B, 1, Lq, Lk] (0 allowed, dtype-min hidden)."""
+    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    out.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return out[:, None]
+
+
+def _logit_rows(start: int, block_size: int, shift: int, device: torch.device) -> torch.Tensor:
+    """Canvas rows whose logits score slots [start, start+K): row j − shift scores slot j."""
+    if start - shift < 0:
+        raise ValueError("a shifted model needs at least one token before the first response slot")
+    return torch.arange(start - shift, start - shift + block_size, device=device)
+
+
+def _prompt_positions(prompt_pad: torch.Tensor) -> torch.Tensor:
+    """int64 [B, L0]: RoPE positions of left-padded prompts (cumsum of real tokens − 1; pads get 1,
+    as :meth:`slim_ops.BlockLayout.position_ids`; pad keys are never attended to)."""
+    valid = ~prompt_pad
+    return (valid.long().cumsum(-1) - 1).masked_fill(prompt_pad, 1)
+
+
+def _staircase_allowed(prompt_pad: torch.Tensor, response_len: int, block_size: int) -> torch.Tensor:
+    """bool [B, L, L] over [prompt ‖ response]: the P∪C predicate of SPEC §3.3 (prompt blocks
+    right-aligned to L0, pad keys hidden, a prompt row with no allowed key attends to itself)."""
+    from slim_ops.layout import BlockLayout
+
+    L0 = prompt_pad.shape[1]
+    layout = BlockLayout.packed(L0, response_len, block_size, 0, prompt_pad=prompt_pad)
+    return layout.dense_mask(device=prompt_pad.device)
+
+
+def _prefill_allowed(prompt_pad: torch.Tensor, block_size: int) -> torch.Tensor:
+    L0 = prompt_pad.shape[1]
+    return _staircase_allowed(prompt_pad, 1, block_size)[:, :L0, :L0]
+
+
+def _bidirectional_allowed(prompt_pad: torch.Tensor, response_len: int) -> torch.Tensor:
+    """bool [B, L, L]: every key except prompt pads; a pad query attends to itself only."""
+    B, L0 = prompt_pad.shape
+    L = L0 + response_len
+    keypad = torch.cat([prompt_pad, prompt_pad.new_zeros(B, response_len)], dim=1)
+    allowed = (~keypad)[:, None, :].expand(B, L, L)
+    eye = torch.eye(L, dtype=torch.bool, device=prompt_pad.device)[None]
+    return torch.where(keypad[:, :, None], eye, allowed)
+
+
+class _LaggedFlag:
+    """"Is any slot of the current block still masked?" read without draining the device queue.
+
+    CPU: the value of the last step (no asynchrony to preserve). CUDA: the flag is copied to pinned
+    host memory behind an event; :meth:`done` answers from the step before the last one, waiting only
+    for that older event while the newest step keeps the device busy."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.queue: list[tuple[torch.Tensor, object]] = []
+
+    def push(self, still_masked: torch.Tensor) -> None:
+        if not self.cuda:
+            self.queue = [(still_masked, None)]
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(still_masked, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.queue.append((host, ev))
+
+    def done(self) -> bool:
+        if not self.queue:
+            return False
+        if not self.cuda:
+            return not bool(self.queue[-1][0])
+        if len(self.queue) < 2:
+            return False
+        host, ev = self.queue.pop(0)
+        ev.synchronize()
+        return not bool(host)
+
+
+def _as_prompt_list(prompts, vocab: int, mask_id: int) -> list[torch.Tensor]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = [prompts]
+        elif prompts.dim() == 2:
+            prompts = list(prompts)
+        else:
+            raise ValueError(f"prompts tensor must be [L] or [B, L] (no padding), "
+                             f"got shape {tuple(prompts.shape)}")
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id sequences (list[int] or 1D tensors)")
+    out = []
+    for i, p in enumerate(prompts):
+        t = torch.as_tensor(p).detach().cpu()
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"prompt {i} must be a non-empty 1D sequence of token ids, "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise TypeError(f"prompt {i} must hold integer token ids, got dtype {t.dtype}")
+        t = t.to(torch.int64)
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): min {lo}, max {hi}")
+        if bool((t == mask_id).any()):
+            raise ValueError(f"prompt {i} contains the mask token {mask_id}; prompts must be clean text")
+        out.append(t)
+    return out
+
+
+def _check_args(block_size, max_new_tokens, steps_per_block, strategy, tau, m, temperature, top_k, top_p,
+                batch_size) -> int:
+    for name, v in (("block_size", block_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if block_size > 64:
+        raise ValueError(f"block_size must be <= 64 (the decode step sorts a block in registers), "
+                         f"got {block_size}")
+    S = block_size if steps_per_block is None else steps_per_block
+    if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+        raise ValueError(f"steps_per_block must be a positive int or None (= block_size), "
+                         f"got {steps_per_block!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not (isinstance(tau, float | int) and 0.0 < float(tau) < 1.0):
+        raise ValueError(f"tau must be a float in (0, 1), got {tau!r}")
+    if not (isinstance(m, float | int) and float(m) >= 0.0 and math.isfinite(float(m))):
+        raise ValueError(f"m must be a finite float >= 0 (0 means m_eff = floor), got {m!r}")
+    if not (isinstance(temperature, float | int) and float(temperature) >= 0.0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not (isinstance(top_p, float | int) and 0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None (all prompts at once), "
+                         f"got {batch_size!r}")
+    return S
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class _Recorder:
+    """Device-side output buffers for a chunk of rows, indexed by the chunk's original row ids."""
+
+    def __init__(self, B: int, L1: int, max_steps: int, pad_id: int, device: torch.device):
+        self.tokens = torch.full((B, L1), pad_id, dtype=torch.int64, device=device)
+        self.step_map = torch.full((B, L1), -1, dtype=torch.int32, device=device)
+        self.conf = torch.full((B, L1), float("nan"), dtype=torch.float32, device=device)
+        # one spare column: rows whose block is complete write their (zero) record to their next free
+        # step, which is at most max_steps
+        self.commits = torch.zeros(B, max_steps + 1, dtype=torch.int32, device=device)
+        self.ewc = torch.zeros(B, max_steps + 1, dtype=torch.float32, device=device)
+        self.nfe = torch.zeros(B, dtype=torch.int64, device=device)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def step(self, rows: torch.Tensor, cols: torch.Tensor, active: torch.Tensor, out) -> None:
+        local = self.nfe[rows]  # [R] this step's row-step index
+        r2, c2 = rows[:, None], cols[None, :]
+        self.step_map[r2, c2] = torch.where(out.commit, local[:, None].to(torch.int32), self.step_map[r2, c2])
+        self.conf[r2, c2] = torch.where(out.commit, out.confidence, self.conf[r2, c2])
+        self.commits[rows, local] = out.num_committed.to(torch.int32)
+        self.ewc[rows, local] = out.risk.to(torch.float32)
+        self.nfe[rows] = local + active.to(torch.int64)
+
+
+def _step(logits, block, info, j, S, K, kw):
+    import slim_ops
+
+    floor = slim_ops.static_floor(K, S, j)
+    return slim_ops.tau_budget_step(logits, block, info["mask_id"], floor=floor, **kw)
+
+
+def _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit):
+    """Denoise one block for the active rows: up to S steps, each one forward + one decode step."""
+    mask_id = info["mask_id"]
+    flag = _LaggedFlag(block.device)
+    for j in range(S):
+        if early_exit and flag.done():
+            break
+        active = (block == mask_id).any(dim=1)
+        logits = forward(block)
+        counters["model_calls"] += 1
+        counters["forward_tokens"] += counters["tokens_per_call"]
+        out = _step(logits, block, info, j, S, K, kw)
+        rec.step(rows, cols, active, out)
+        block = out.block
+        flag.push((block == mask_id).any())
+    return block
+
+
+@torch.no_grad()
+def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_cache, kw, early_exit,
+                    rec: _Recorder, row_ids: torch.Tensor, counters) -> None:
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    mask_id, eos_id, pad_id, shift = info["mask_id"], info["eos_id"], info["pad_id"], info["shift"]
+    B = len(prompts)
+    plen = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+    L0 = int(plen.max())
+    L1 = nb * K
+    prompt = torch.full((B, L0), pad_id, dtype=torch.int64)
+    for i, p in enumerate(prompts):
+        prompt[i, L0 - len(p):] = p
+    prompt = prompt.to(device)
+    prompt_pad = (torch.arange(L0)[None, :] < (L0 - plen)[:, None]).to(device)
+    plen = plen.to(device)
+    rows = row_ids.to(device)  # original row ids of the active rows
+    sel = torch.arange(B, device=device)  # active rows as indices into this chunk's prompt tensors
+
+    if info["block_causal"] and use_cache:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt, attention_mask=_additive(_prefill_allowed(prompt_pad, K), dtype),
+              position_ids=_prompt_positions(prompt_pad), cache=cache, use_cache=True, logits_to_keep=1)
+        counters["model_calls"] += 1
+        counters["forward_tokens"] += B * L0
+        for b in range(nb):
+            R = sel.numel()
+            cols = torch.arange(b * K, (b + 1) * K, device=device)
+            keypad = torch.cat([prompt_pad[sel], prompt_pad.new_zeros(R, b * K + K)], dim=1)  # [R, Lc+K]
+            attn = _additive((~keypad)[:, None, :].expand(R, K, keypad.shape[1]), dtype)
+            pos = (plen[sel] + b * K)[:, None] + torch.arange(K, device=device)[None, :]
+
+            def forward(blk, attn=attn, pos=pos):
+                logits = model(input_ids=blk, attention_mask=attn, position_ids=pos, cache=cache,
+                               use_cache=True).logits
+                cache.crop(-K)  # drop the K/V of the partially masked block
+                return logits
+
+            counters["tokens_per_call"] = R * K
+            block = torch.full((R, K), mask_id, dtype=torch.int64, device=device)
+            block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
+            rec.tokens[rows[:, None], cols[None, :]] = block
+            if b + 1 == nb:
+                break
+            # "save" pass: append the complete block's K/V to the cache
+            model(input_ids=block, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                  logits_to_keep=1)
+            counters["model_calls"] += 1
+            counters["forward_tokens"] += R * K
+            keep = _retire(block, eos_id, rec, rows)
+            if keep is not None:
+                if keep.numel() == 0:
+                    return
+                cache.batch_select_indices(keep)
+                rows, sel = rows[keep], sel[keep]
+        return
+
+    if info["block_causal"]:  # SDAR without cache: the whole prefix with the staircase every step
+        for b in range(nb):
+            R = sel.numel()
+            cols = torch.arange(b * K, (b + 1) * K, device=device)
+            Lr = (b + 1) * K
+            attn = _additive(_staircase_allowed(prompt_pad[sel], Lr, K), dtype)
+            ppos = _prompt_positions(prompt_pad[sel])
+            rpos = plen[sel][:, None] + torch.arange(Lr, device=device)[None, :]
+            pos = torch.cat([ppos, rpos], dim=1)
+            prefix = torch.cat([prompt[sel], rec.tokens[rows][:, : b * K]], dim=1)
+
+            def forward(blk, attn=attn, pos=pos, prefix=prefix):
+                ids = torch.cat([prefix, blk], dim=1)
+                return model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                             logits_to_keep=K).logits
+
+            counters["tokens_per_call"] = R * (L0 + Lr)
+            block = torch.full((R, K), mask_id, dtype=torch.int64, device=device)
+            block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
+            rec.tokens[rows[:, None], cols[None, :]] = block
+            if b + 1 == nb:
+                break
+            keep = _retire(block, eos_id, rec, rows)
+            if keep is not None:
+                if keep.numel() == 0:
+                    return
+                rows, sel = rows[keep], sel[keep]
+        return
+
+    # LLaDA / Dream: bidirectional over the whole canvas, no cache
+    canvas = torch.cat([prompt, torch.full((B, L1), mask_id, dtype=torch.int64, device=device)], dim=1)
+    allowed = _bidirectional_allowed(prompt_pad, L1)
+    pos_all = torch.cat([_prompt_positions(prompt_pad),
+                         plen[:, None] + torch.arange(L1, device=device)[None, :]], dim=1)
+    for b in range(nb):
+        R = sel.numel()
+        cols = torch.arange(b * K, (b + 1) * K, device=device)
+        start = L0 + b * K
+        keep_rows = _logit_rows(start, K, shift, device)
+        attn = _additive(allowed[sel], dtype)
+        pos = pos_all[sel]
+        cv = canvas[sel]
+
+        def forward(blk, attn=attn, pos=pos, cv=cv, start=start, keep_rows=keep_rows):
+            cv[:, start:start + K] = blk
+            return model(input_ids=cv, attention_mask=attn, position_ids=pos, use_cache=False,
+                         logits_to_keep=keep_rows).logits
+
+        counters["tokens_per_call"] = R * (L0 + L1)
+        block = torch.full((R, K), mask_id, dtype=torch.int64, device=device)
+        block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
+        canvas[sel, start:start + K] = block
+        rec.tokens[rows[:, None], cols[None, :]] = block
+        if b + 1 == nb:
+            break
+        keep = _retire(block, eos_id, rec, rows)
+        if keep is not None:
+            if keep.numel() == 0:
+                return
+            rows, sel = rows[keep], sel[keep]
+
+
+def _retire(block: torch.Tensor, eos_id: int, rec: _Recorder, rows: torch.Tensor) -> torch.Tensor | None:
+    """Once per block (the one host sync): rows whose block holds EOS leave the batch.
+
+    Returns the indices of the rows to keep, or None when every row continues."""
+    has_eos = (block == eos_id).any(dim=1)
+    rec.finished[rows] |= has_eos
+    if not bool(has_eos.any()):
+        return None
+    return (~has_eos).nonzero()[:, 0]
+
+
+def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_tokens: int = 256,
+             steps_per_block: int | None = None, strategy: str = "tau_budget", tau: float = 0.9,
+             m: float = 1.0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             use_cache: bool = True, generator: torch.Generator | None = None, batch_size: int | None = None,
+             early_exit: bool = True, backend: str | None = None) -> GenerateOutput:
+    """Block-diffusion decoding of a batch of prompts (see the module docstring for the algorithm).
+
+    Args:
+        model: a model from :func:`slim_rl.models.tiny` / :func:`slim_rl.models.load` (attributes
+            ``family``, ``mask_id``, ``eos_id``, ``pad_id``, ``shift``, ``block_causal``).
+        prompts: list of B token-id sequences (list[int] or 1D int tensors) of any lengths ≥ 1, or an
+            unpadded [B, L] int tensor. Must not contain ``mask_id``.
+        block_size: K (1..64). max_new_tokens: response length cap (⌈max_new_tokens/K⌉ blocks decoded).
+        steps_per_block: S (default K); step j of a block uses the floor f_j = ⌊K/S⌋ + [j < K mod S].
+        strategy: "tau_budget" (SPEC §2.3), "threshold" or "topk" (§2.4). tau, m: the rule's τ, m.
+        temperature, top_k, top_p, generator: sampling (temperature 0 = greedy, deterministic).
+        use_cache: SDAR only: decode against the KV cache (True) or recompute the prefix every step.
+        batch_size: decode at most this many prompts at once (None = all).
+        early_exit: stop a block once every row's block is complete (False = always S steps).
+        backend: passed to :func:`slim_ops.tau_budget_step`.
+
+    Returns:
+        :class:`GenerateOutput` (CPU tensors; rows in prompt order).
+    """
+    info = model_info(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    S = _check_args(block_size, max_new_tokens, steps_per_block, strategy, tau, m, temperature, top_k, top_p,
+                    batch_size)
+    plist = _as_prompt_list(prompts, vocab, info["mask_id"])
+    K = block_size
+    nb = -(-max_new_tokens // K)
+    device = next(model.parameters()).device
+    B = len(plist)
+    rec = _Recorder(B, nb * K, nb * S, info["pad_id"], device)
+    kw = dict(tau=float(tau), m=float(m), temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+              generator=generator, strategy=strategy, backend=backend)
+    counters = {"model_calls": 0, "forward_tokens": 0, "tokens_per_call": 0}
+    chunk = B if batch_size is None else batch_size
+    for s0 in range(0, B, chunk):
+        ids = torch.arange(s0, min(B, s0 + chunk))
+        _generate_chunk(model, plist[s0:s0 + chunk], info, K=K, S=S, nb=nb, use_cache=use_cache, kw=kw,
+                        early_exit=early_exit, rec=rec, row_ids=ids, counters=counters)
+
+    tokens = rec.tokens.cpu()
+    step_map = rec.step_map.cpu()
+    conf = rec.conf.cpu()
+    finished = rec.finished.cpu() | (tokens == info["eos_id"]).any(dim=1)
+    # response length per row: through the first EOS, at most max_new_tokens
+    L1 = tokens.shape[1]
+    is_eos = tokens == info["eos_id"]
+    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, L1)
+    lengths = first.clamp(max=max_new_tokens).tolist()
+    return GenerateOutput(
+        sequences=[tokens[i, :n].clone() for i, n in enumerate(lengths)],
+        step_map=[step_map[i, :n].clone() for i, n in enumerate(lengths)],
+        confidence=[conf[i, :n].clone() for i, n in enumerate(lengths)],
+        tokens=tokens, full_step_map=step_map, full_confidence=conf,
+        commits=rec.commits[:, :-1].cpu(), ewc=rec.ewc[:, :-1].cpu(), nfe=rec.nfe.cpu(), finished=finished,
+        prompt_lengths=torch.tensor([len(p) for p in plist], dtype=torch.int64),
+        block_size=K, steps_per_block=S,
+        model_calls=counters["model_calls"], forward_tokens=counters["forward_tokens"],
+    )
