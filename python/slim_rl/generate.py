@@ -311,6 +311,8 @@ class _Recorder:
 def _step(logits, block, info, j, S, K, kw):
     import slim_ops
 
+    # the mask token is never a prediction (a committed μ would leave its slot masked for good)
+    logits[..., info["mask_id"]] = float("-inf")
     floor = slim_ops.static_floor(K, S, j)
     return slim_ops.tau_budget_step(logits, block, info["mask_id"], floor=floor, **kw)
 

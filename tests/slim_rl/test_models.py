@@ -11,6 +11,15 @@ import torch
 from slim_rl.models import FAMILIES, load, model_info, tiny
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded (and do not spin-wait on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tiny_attributes_and_forward(family):
     m = tiny(family, vocab_size=40, seed=1, hidden_size=64, num_layers=2)

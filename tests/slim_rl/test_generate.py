@@ -1,0 +1,221 @@
+"""slim_rl.generate: the batched block-diffusion engine on tiny random models (issue 5 acceptance 1-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slim_rl.generate import generate
+from slim_rl.models import FAMILIES, tiny
+
+V = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest single-threaded (and do not spin-wait on a shared CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+PROMPTS = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [17, 18, 19, 1, 2, 3, 20]]
+
+
+def _model(family: str, seed: int = 0, head_std: float = 0.5):
+    return tiny(family, vocab_size=V, seed=seed, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                head_std=head_std)
+
+
+def _with_eos(model, block_size: int, max_new_tokens: int):
+    """Swap the output rows of EOS and a token the model emits early in some responses, so that EOS
+    is generated (the input embeddings are unchanged)."""
+    out = generate(model, PROMPTS, block_size=block_size, max_new_tokens=max_new_tokens, tau=0.6)
+    tok = int(out.tokens[1, block_size + 1])  # row 1, second block: finishes after one block at least
+    assert tok != model.eos_id
+    w = model.get_output_embeddings().weight.data
+    w[[tok, model.eos_id]] = w[[model.eos_id, tok]]
+    return model
+
+
+def _check_consistent(model, out, prompts, *, block_size, max_new_tokens, steps):
+    """Acceptance 1: no mask left, max_new_tokens and EOS respected, step_map / commits / nfe agree."""
+    K, S = block_size, steps
+    nb = -(-max_new_tokens // K)
+    assert len(out.sequences) == len(prompts)
+    assert out.tokens.shape == (len(prompts), nb * K) and out.commits.shape == (len(prompts), nb * S)
+    for i, seq in enumerate(out.sequences):
+        assert seq.dtype == torch.int64 and 1 <= len(seq) <= max_new_tokens
+        assert not (seq == model.mask_id).any(), f"row {i}: mask token left in the output"
+        eos = (seq == model.eos_id).nonzero()
+        if len(eos):  # EOS only as the last token, and the row is marked finished
+            assert eos.numel() == 1 and int(eos[0]) == len(seq) - 1
+            assert out.finished[i]
+        else:
+            assert len(seq) == max_new_tokens and not out.finished[i]
+        assert torch.equal(out.step_map[i], out.full_step_map[i, : len(seq)])
+        assert torch.equal(seq, out.tokens[i, : len(seq)])
+        # decoded blocks: a prefix of whole blocks, every slot committed exactly once
+        decoded = out.full_step_map[i] >= 0
+        n_dec = int(decoded.sum())
+        assert n_dec % K == 0 and n_dec >= len(seq) and bool(decoded[:n_dec].all())
+        assert not (out.tokens[i, :n_dec] == model.mask_id).any()
+        if n_dec < nb * K:  # the row left the batch after its EOS block
+            assert out.finished[i] and (out.tokens[i, :n_dec] == model.eos_id).any()
+            assert (out.tokens[i, n_dec:] == model.pad_id).all()
+        n = int(out.nfe[i])
+        assert n_dec // K <= n <= (n_dec // K) * S
+        assert torch.equal(torch.bincount(out.full_step_map[i, :n_dec].long(), minlength=n)[:n],
+                           out.commits[i, :n].long())
+        assert (out.commits[i, :n] >= 1).all() and (out.commits[i, n:] == 0).all()
+        assert int(out.commits[i].sum()) == n_dec
+        # steps of block b all precede those of block b+1
+        sm = out.full_step_map[i, :n_dec].view(-1, K)
+        assert (sm.amax(dim=1)[:-1] < sm.amin(dim=1)[1:]).all()
+        # ewc = Σ (1 - c) over each step's commits, from the recorded confidences
+        c = out.full_confidence[i, :n_dec]
+        ewc = torch.zeros(n, dtype=torch.float64).index_add_(0, out.full_step_map[i, :n_dec].long(),
+                                                             (1.0 - c).double())
+        torch.testing.assert_close(out.ewc[i, :n].double(), ewc, atol=1e-5, rtol=1e-5)
+    assert out.num_generated == int((out.full_step_map >= 0).sum())
+    assert out.tokens_per_forward == pytest.approx(out.num_generated / int(out.nfe.sum()))
+    hist = out.commits_histogram
+    assert hist.shape == (K + 1,) and int(hist.sum()) == int(out.nfe.sum())
+    assert int((hist * torch.arange(K + 1)).sum()) == out.num_generated
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_terminates_and_is_consistent(family):
+    model = _with_eos(_model(family), 4, 12)
+    out = generate(model, PROMPTS, block_size=4, max_new_tokens=12, tau=0.6)
+    assert out.finished.any(), "the EOS swap should make at least one row stop"
+    _check_consistent(model, out, PROMPTS, block_size=4, max_new_tokens=12, steps=4)
+    again = generate(model, PROMPTS, block_size=4, max_new_tokens=12, tau=0.6)
+    for a, b in zip(out.sequences, again.sequences, strict=True):
+        assert torch.equal(a, b), "greedy decoding must be deterministic"
+    assert torch.equal(out.full_step_map, again.full_step_map)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_equals_one_by_one(family):
+    """Acceptance 3: ragged left-padded batch == each prompt alone (greedy), rows leaving on EOS."""
+    model = _with_eos(_model(family, seed=1), 4, 12)
+    batched = generate(model, PROMPTS, block_size=4, max_new_tokens=12, tau=0.6)
+    for i, p in enumerate(PROMPTS):
+        alone = generate(model, [p], block_size=4, max_new_tokens=12, tau=0.6)
+        assert torch.equal(batched.sequences[i], alone.sequences[0]), f"row {i}"
+        assert torch.equal(batched.step_map[i], alone.step_map[0]), f"row {i}"
+        assert int(batched.nfe[i]) == int(alone.nfe[0])
+    chunked = generate(model, PROMPTS, block_size=4, max_new_tokens=12, tau=0.6, batch_size=3)
+    for a, b in zip(batched.sequences, chunked.sequences, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sdar_cache_equals_no_cache():
+    """Acceptance 2: KV cache + save pass == recomputing the whole prefix with the staircase each step."""
+    model = _model("sdar", seed=2)
+    prompts = PROMPTS + [[3] * 11]
+    settings = (dict(block_size=4, max_new_tokens=16, tau=0.6), dict(block_size=3, max_new_tokens=8, tau=0.9))
+    for kwargs in settings:
+        cached = generate(model, prompts, use_cache=True, **kwargs)
+        full = generate(model, prompts, use_cache=False, **kwargs)
+        for i in range(len(prompts)):
+            assert torch.equal(cached.sequences[i], full.sequences[i]), f"row {i} {kwargs}"
+        assert torch.equal(cached.full_step_map, full.full_step_map)
+        torch.testing.assert_close(cached.full_confidence, full.full_confidence, atol=1e-5, rtol=1e-5,
+                                   equal_nan=True)
+
+
+def test_risk_within_budget_when_budget_binds():
+    """Acceptance 4: with f = 1 (S = K) and m = 1, a step whose commit set is chosen by the budget
+    (every committed c > τ) has risk Σ(1 − c) <= 1 − τ; otherwise the floor committed exactly one slot."""
+    tau = 0.8
+    b = float(torch.tensor(1.0 - tau, dtype=torch.float64).float())
+    model = _model("sdar", seed=3, head_std=3.0)
+    out = generate(model, PROMPTS, block_size=8, max_new_tokens=24, tau=tau, m=1.0)
+    tau32 = torch.tensor(tau, dtype=torch.float32)
+    binding = multi = 0
+    for i in range(len(PROMPTS)):
+        n = int(out.nfe[i])
+        for s in range(n):
+            sel = out.full_step_map[i] == s
+            c = out.full_confidence[i][sel]
+            assert int(sel.sum()) == int(out.commits[i, s])
+            if bool((c > tau32).all()):
+                binding += 1
+                multi += int(sel.sum()) > 1
+                risk = torch.zeros((), dtype=torch.float32)
+                for x in c.sort(descending=True).values:
+                    risk = risk + (1.0 - x)
+                assert float(risk) <= b, f"row {i} step {s}: risk {float(risk)} > {b}"
+            else:
+                assert int(sel.sum()) == 1, "the floor (f = 1) commits exactly one slot"
+    assert multi > 0, "the test model must produce steps committing several confident slots"
+
+
+@pytest.mark.parametrize("strategy", ["tau_budget", "threshold", "topk"])
+def test_strategies_and_floor(strategy):
+    model = _model("sdar", seed=4)
+    K, S = 4, 2  # f_j = 2
+    out = generate(model, PROMPTS[:2], block_size=K, max_new_tokens=8, steps_per_block=S, strategy=strategy,
+                   tau=0.6)
+    _check_consistent(model, out, PROMPTS[:2], block_size=K, max_new_tokens=8, steps=S)
+    for i in range(2):
+        n = int(out.nfe[i])
+        assert (out.commits[i, :n] >= 2).all()
+        if strategy == "topk":
+            assert n == 4 and (out.commits[i, :n] == 2).all()
+
+
+def test_no_early_exit_runs_all_steps_and_agrees():
+    model = _model("sdar", seed=5)
+    a = generate(model, PROMPTS, block_size=4, max_new_tokens=8, tau=0.6, early_exit=True)
+    b = generate(model, PROMPTS, block_size=4, max_new_tokens=8, tau=0.6, early_exit=False)
+    for x, y in zip(a.sequences, b.sequences, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(a.nfe, b.nfe)  # rows count only steps in which they had masked slots
+    assert b.model_calls == 1 + 2 * 4 + 1  # prefill + nb·S denoising forwards + (nb − 1) saves
+    assert a.model_calls <= b.model_calls
+
+
+@pytest.mark.parametrize("family", ["sdar", "llada"])
+def test_sampling_reproducible(family):
+    model = _model(family, seed=6)
+    kw = dict(block_size=4, max_new_tokens=8, temperature=1.0, top_k=10, top_p=0.95)
+    a = generate(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    b = generate(model, PROMPTS, generator=torch.Generator().manual_seed(7), **kw)
+    for x, y in zip(a.sequences, b.sequences, strict=True):
+        assert torch.equal(x, y)
+        assert not (x == model.mask_id).any()
+    _check_consistent(model, a, PROMPTS, block_size=4, max_new_tokens=8, steps=4)
+
+
+def test_max_new_tokens_not_a_block_multiple_and_tensor_prompts():
+    model = _model("dream", seed=7)
+    prompts = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = generate(model, prompts, block_size=4, max_new_tokens=6)
+    assert out.tokens.shape == (2, 8)
+    for seq in out.sequences:
+        assert len(seq) <= 6
+    _check_consistent(model, out, list(prompts), block_size=4, max_new_tokens=6, steps=4)
+    m = out.metrics()
+    assert m["generated_tokens"] == out.num_generated and m["nfe_total"] == int(out.nfe.sum())
+
+
+def test_validation_messages():
+    model = _model("sdar")
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        generate(model, PROMPTS, block_size=0)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        generate(model, PROMPTS, strategy="greedy")
+    with pytest.raises(ValueError, match="tau must be a float in"):
+        generate(model, PROMPTS, tau=1.0)
+    with pytest.raises(ValueError, match="contains the mask token"):
+        generate(model, [[1, model.mask_id]])
+    with pytest.raises(ValueError, match="outside"):
+        generate(model, [[1, V]])
+    with pytest.raises(ValueError, match="non-empty"):
+        generate(model, [[]])
+    with pytest.raises(ValueError, match="batch_size must be"):
+        generate(model, PROMPTS, batch_size=0)
+    with pytest.raises(TypeError, match="lacks attribute"):
+        generate(torch.nn.Linear(2, 2), PROMPTS)
