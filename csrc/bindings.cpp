@@ -15,5 +15,38 @@ PYBIND11_MODULE(_C, m) {
   m.def("error_string", [](int code) { return std::string(cudaGetErrorString(static_cast<cudaError_t>(code))); });
 
   // ---- tau_budget (csrc/tau_budget) ----
-  // (definitions added by the tau_budget CUDA work)
+  m.def("tau_budget_workspace_bytes", [](int64_t slots, int64_t splits) {
+    return static_cast<int64_t>(slim_ops::tau_budget_workspace_bytes(slots, splits));
+  });
+  m.def(
+      "tau_budget_step",
+      [](std::uintptr_t logits, int dtype, int64_t R, int64_t K, int64_t V, int64_t stride_r, int64_t stride_k,
+         std::uintptr_t block, int64_t mask_id, std::uintptr_t tau32, std::uintptr_t bud, std::uintptr_t floor,
+         std::uintptr_t seed, float temperature, int strategy, int splits, std::uintptr_t workspace,
+         std::uintptr_t block_out, std::uintptr_t commit, std::uintptr_t tokens, std::uintptr_t confidence,
+         std::uintptr_t num_committed, std::uintptr_t risk, std::uintptr_t stream) {
+        return static_cast<int>(slim_ops::tau_budget_step(
+            reinterpret_cast<const void*>(logits), dtype, R, K, V, stride_r, stride_k,
+            reinterpret_cast<const int64_t*>(block), mask_id, reinterpret_cast<const float*>(tau32),
+            reinterpret_cast<const float*>(bud), reinterpret_cast<const int32_t*>(floor),
+            reinterpret_cast<const int64_t*>(seed), temperature, strategy, splits, reinterpret_cast<void*>(workspace),
+            reinterpret_cast<int64_t*>(block_out), reinterpret_cast<bool*>(commit),
+            reinterpret_cast<int64_t*>(tokens), reinterpret_cast<float*>(confidence),
+            reinterpret_cast<int32_t*>(num_committed), reinterpret_cast<float*>(risk),
+            reinterpret_cast<cudaStream_t>(stream)));
+      },
+      "Fused decode step (csrc/tau_budget): raw device pointers, returns a cudaError_t code.");
+  m.def(
+      "tau_budget_select",
+      [](std::uintptr_t confidence, std::uintptr_t masked, int64_t R, int64_t K, std::uintptr_t tau32,
+         std::uintptr_t bud, std::uintptr_t floor, int strategy, std::uintptr_t commit, std::uintptr_t num_committed,
+         std::uintptr_t risk, std::uintptr_t stream) {
+        return static_cast<int>(slim_ops::tau_budget_select(
+            reinterpret_cast<const float*>(confidence), reinterpret_cast<const bool*>(masked), R, K,
+            reinterpret_cast<const float*>(tau32), reinterpret_cast<const float*>(bud),
+            reinterpret_cast<const int32_t*>(floor), strategy, reinterpret_cast<bool*>(commit),
+            reinterpret_cast<int32_t*>(num_committed), reinterpret_cast<float*>(risk),
+            reinterpret_cast<cudaStream_t>(stream)));
+      },
+      "Selection of a decode step on given confidences (csrc/tau_budget); returns a cudaError_t code.");
 }

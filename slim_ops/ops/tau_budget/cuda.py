@@ -1,0 +1,240 @@
+"""CUDA backend of the fused decode step: calls ``slim_ops._C`` (csrc/tau_budget).
+
+Two kernels on the current stream, no host synchronisation:
+
+1. one block per (slot, V-split): a single pass over the logits with 16-byte vector loads, online
+   max and Σexp, argmax (T = 0) or Gumbel-max with the counter-based RNG of ``reference.py`` (T > 0),
+   NaN / +inf / all −inf detection; V is split over several blocks per slot when R·K is too small
+   to fill the GPU;
+2. one block per row: combines the splits into token and confidence, then sorts the K ≤ 64 slots by
+   (confidence desc, index asc), the sequential fp32 prefix sum, k, commit mask, new block and risk.
+
+The public entry point with full input validation is ``slim_ops.tau_budget_step`` (op.py); the checks
+here only guard the raw-pointer contract.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from slim_ops._backend import cuda_extension
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_MAX_K = 64
+_BLOCKS_PER_SM = 8  # resident 256-thread slot blocks per SM (31-40 registers, no shared memory to speak of)
+_MIN_SPLIT = 4096  # elements per split: at least two 16-byte loads per thread of a 256-thread block
+_MAX_SPLITS = 64
+
+
+def _ext():
+    ext = cuda_extension()
+    if ext is None or not hasattr(ext, "tau_budget_step"):
+        raise RuntimeError(
+            "slim_ops._C with tau_budget_step is not built: reinstall with nvcc on PATH, e.g. "
+            "`SLIM_OPS_CUDA=ON pip install --no-build-isolation -e .`"
+        )
+    return ext
+
+
+def _check(code: int, name: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"slim_ops._C.{name} failed: CUDA error {code} ({_ext().error_string(code)})")
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_splits(slots: int, vocab: int, device: torch.device) -> int:
+    """V-splits per slot: enough blocks to fill every SM, each split still a few thousand elements."""
+    if slots <= 0 or vocab <= 0:
+        return 1
+    target = (
+        _num_sms(device.index if device.index is not None else torch.cuda.current_device()) * _BLOCKS_PER_SM
+    )
+    want = -(-target // slots)
+    return max(1, min(want, vocab // _MIN_SPLIT, _MAX_SPLITS))
+
+
+def _row_param(x: torch.Tensor, R: int, dtype: torch.dtype, name: str, device: torch.device) -> torch.Tensor:
+    if x.shape != (R,) or x.dtype != dtype or x.device != device:
+        raise ValueError(
+            f"{name} must be a [{R}] {dtype} tensor on {device}, got {tuple(x.shape)} {x.dtype} on {x.device}"
+        )
+    return x.contiguous()
+
+
+def tau_budget_step_cuda(
+    logits: torch.Tensor,
+    block: torch.Tensor,
+    mask_id: int,
+    tau32: torch.Tensor,
+    bud: torch.Tensor,
+    floor: torch.Tensor,
+    seed: torch.Tensor,
+    temperature: float,
+    strategy_id: int,
+    *,
+    splits: int | None = None,
+):
+    """One decode step on the GPU (SPEC.md §2 without top-k/top-p; the definition is ``reference.py``).
+
+    Args:
+        logits: [R, K, V] bf16/fp16/fp32 CUDA tensor with ``stride(-1) == 1`` (other strides arbitrary).
+        block: [R, K] int64, the block before the step (slots equal to ``mask_id`` are still masked).
+        mask_id: the mask token id μ (written as the token of invalid slots).
+        tau32: [R] fp32, fp32(τ) per row.  bud: [R] fp32, the budget b = fp32(m_eff·(1−τ)) per row.
+        floor: [R] int32, the floor f per row.  seed: [1] int64 device tensor (read by the kernel).
+        temperature: T ≥ 0; 0 is greedy (argmax, c = 1/Σexp(z − max z)), T > 0 is Gumbel-max sampling
+            x0 = argmax(z/T + g), c = softmax(z/T)[x0].
+        strategy_id: 0 = tau_budget, 1 = threshold, 2 = topk.
+        splits: V-splits per slot (default: enough blocks to fill the GPU); for tests.
+
+    Returns:
+        (block_out int64 [R,K], commit bool [R,K], tokens int64 [R,K], confidence fp32 [R,K],
+        num_committed int32 [R], risk fp32 [R]), new tensors on ``logits.device``. A slot whose logits hold
+        NaN or +inf, or are all −inf, gets token = mask_id, confidence = NaN and is never committed.
+    """
+    if logits.dim() != 3 or logits.device.type != "cuda" or logits.dtype not in _DTYPES:
+        raise ValueError(
+            f"logits must be a [R, K, V] bf16/fp16/fp32 CUDA tensor, got {tuple(logits.shape)} "
+            f"{logits.dtype} on {logits.device}"
+        )
+    R, K, V = logits.shape
+    dev = logits.device
+    if K > _MAX_K:
+        raise ValueError(f"the cuda backend supports K <= {_MAX_K} slots per block, got K={K}")
+    if V > 0 and logits.stride(-1) != 1:
+        raise ValueError(f"logits must have stride(-1) == 1, got strides {logits.stride()}")
+    if logits.data_ptr() % logits.element_size() != 0:
+        raise ValueError("logits data pointer is not aligned to its element size")
+    if block.shape != (R, K) or block.dtype != torch.int64 or block.device != dev:
+        raise ValueError(
+            f"block must be a [{R}, {K}] int64 tensor on {dev}, got {tuple(block.shape)} "
+            f"{block.dtype} on {block.device}"
+        )
+    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != dev:
+        raise ValueError(
+            f"seed must be a [1] int64 tensor on {dev}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}"
+        )
+    if not temperature >= 0.0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if strategy_id not in (0, 1, 2):
+        raise ValueError(f"strategy_id must be 0 (tau_budget), 1 (threshold) or 2 (topk), got {strategy_id}")
+    tau32 = _row_param(tau32, R, torch.float32, "tau32", dev)
+    bud = _row_param(bud, R, torch.float32, "bud", dev)
+    floor = _row_param(floor, R, torch.int32, "floor", dev)
+    block = block.contiguous()
+    seed = seed.reshape(1).contiguous()
+    n_split = num_splits(R * K, V, dev) if splits is None else int(splits)
+    if n_split < 1:
+        raise ValueError(f"splits must be >= 1, got {n_split}")
+
+    block_out = torch.empty((R, K), dtype=torch.int64, device=dev)
+    commit = torch.empty((R, K), dtype=torch.bool, device=dev)
+    tokens = torch.empty((R, K), dtype=torch.int64, device=dev)
+    conf = torch.empty((R, K), dtype=torch.float32, device=dev)
+    num = torch.empty((R,), dtype=torch.int32, device=dev)
+    risk = torch.empty((R,), dtype=torch.float32, device=dev)
+    if R == 0:
+        return block_out, commit, tokens, conf, num, risk
+    ext = _ext()
+    ws = torch.empty((max(1, ext.tau_budget_workspace_bytes(R * K, n_split)),), dtype=torch.uint8, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        code = ext.tau_budget_step(
+            logits.data_ptr(),
+            _DTYPES[logits.dtype],
+            R,
+            K,
+            V,
+            logits.stride(0),
+            logits.stride(1),
+            block.data_ptr(),
+            int(mask_id),
+            tau32.data_ptr(),
+            bud.data_ptr(),
+            floor.data_ptr(),
+            seed.data_ptr(),
+            float(temperature),
+            int(strategy_id),
+            n_split,
+            ws.data_ptr(),
+            block_out.data_ptr(),
+            commit.data_ptr(),
+            tokens.data_ptr(),
+            conf.data_ptr(),
+            num.data_ptr(),
+            risk.data_ptr(),
+            stream,
+        )
+    _check(code, "tau_budget_step")
+    return block_out, commit, tokens, conf, num, risk
+
+
+def tau_budget_select_cuda(
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    tau32: torch.Tensor,
+    bud: torch.Tensor,
+    floor: torch.Tensor,
+    strategy_id: int,
+):
+    """Selection of SPEC.md §2.3/§2.4 on given confidences (``reference.select_row_ref`` per row).
+
+    Args:
+        confidence: [R, K] fp32 CUDA.  masked: [R, K] bool (slots still μ; NaN confidences are excluded too).
+        tau32, bud, floor, strategy_id: as in :func:`tau_budget_step_cuda`.
+
+    Returns:
+        (commit bool [R,K], num_committed int32 [R], risk fp32 [R]) with risk = Σ_{j∈C} (1 − c_j)
+        summed in fp32 in sorted order.
+    """
+    if confidence.dim() != 2 or confidence.device.type != "cuda" or confidence.dtype != torch.float32:
+        raise ValueError(
+            f"confidence must be a [R, K] fp32 CUDA tensor, got {tuple(confidence.shape)} "
+            f"{confidence.dtype} on {confidence.device}"
+        )
+    R, K = confidence.shape
+    dev = confidence.device
+    if K > _MAX_K:
+        raise ValueError(f"the cuda backend supports K <= {_MAX_K} slots per block, got K={K}")
+    if masked.shape != (R, K) or masked.dtype != torch.bool or masked.device != dev:
+        raise ValueError(
+            f"masked must be a [{R}, {K}] bool tensor on {dev}, got {tuple(masked.shape)} "
+            f"{masked.dtype} on {masked.device}"
+        )
+    if strategy_id not in (0, 1, 2):
+        raise ValueError(f"strategy_id must be 0 (tau_budget), 1 (threshold) or 2 (topk), got {strategy_id}")
+    tau32 = _row_param(tau32, R, torch.float32, "tau32", dev)
+    bud = _row_param(bud, R, torch.float32, "bud", dev)
+    floor = _row_param(floor, R, torch.int32, "floor", dev)
+    confidence = confidence.contiguous()
+    masked = masked.contiguous()
+    commit = torch.empty((R, K), dtype=torch.bool, device=dev)
+    num = torch.empty((R,), dtype=torch.int32, device=dev)
+    risk = torch.empty((R,), dtype=torch.float32, device=dev)
+    if R == 0:
+        return commit, num, risk
+    ext = _ext()
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        code = ext.tau_budget_select(
+            confidence.data_ptr(),
+            masked.data_ptr(),
+            R,
+            K,
+            tau32.data_ptr(),
+            bud.data_ptr(),
+            floor.data_ptr(),
+            int(strategy_id),
+            commit.data_ptr(),
+            num.data_ptr(),
+            risk.data_ptr(),
+            stream,
+        )
+    _check(code, "tau_budget_select")
+    return commit, num, risk
