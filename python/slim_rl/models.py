@@ -87,7 +87,7 @@ def tiny(family: str, vocab_size: int = 32, seed: int = 0, *, hidden_size: int =
          num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None,
          intermediate_size: int | None = None, max_positions: int = 4096, init_std: float = 0.02,
          head_std: float | None = None, mask_id: int | None = None, eos_id: int | None = None,
-         pad_id: int | None = None, dtype: torch.dtype = torch.float32,
+         pad_id: int | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
          attn_implementation: str = "sdpa") -> torch.nn.Module:
     """A small randomly initialised model of one family's architecture (CPU-cheap; for tests and demos).
 
@@ -102,7 +102,8 @@ def tiny(family: str, vocab_size: int = 32, seed: int = 0, *, hidden_size: int =
         init_std: std of the normal init of every linear / embedding weight.
         head_std: std of the output head only (defaults to ``init_std``); a larger value gives peakier
             distributions, i.e. higher decode confidences.
-        dtype: parameter dtype.
+        dtype, device: where the parameters live (weights are drawn on ``device`` from a generator
+            seeded with ``seed``, so they are deterministic per device type).
 
     Returns:
         a ``transformers`` ``*ForCausalLM`` in eval mode with attributes ``family``, ``mask_id``,
@@ -126,13 +127,15 @@ def tiny(family: str, vocab_size: int = 32, seed: int = 0, *, hidden_size: int =
     )
     cfg = cfg_cls(**cfg_kwargs)
     cfg._attn_implementation = attn_implementation
-    gen = torch.Generator().manual_seed(int(seed))
-    model = model_cls(cfg)
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    with device:
+        model = model_cls(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
                 std = head_std if (head_std is not None and name.startswith("lm_head")) else init_std
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
             elif "bias" in name:
                 p.zero_()
             else:  # norm weights

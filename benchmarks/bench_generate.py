@@ -1,0 +1,224 @@
+"""Decode throughput of the block-diffusion engine (slim_rl.generate) vs a per-sequence loop driver.
+
+Both drivers run the same model, the same decode step op and the same selection rule; the loop driver
+decodes one prompt at a time and asks the host after every step whether the block is complete (the
+shape of the reference engines, SPEC §7). A correctness gate runs first: greedy outputs of both drivers
+must agree token for token and contain no mask token.
+
+    tokens/s     = Σ committed response tokens (all rows) / wall seconds of one full generate call
+    NFE/token    = Σ_rows denoising forwards a row took / Σ committed tokens
+    tok/forward  = 1 / (NFE/token);  mean EWC = mean over row steps of Σ_{j∈C}(1 − c_j)
+
+Usage:  python benchmarks/bench_generate.py --device cpu --out benchmarks/results/local
+        python benchmarks/bench_generate.py --device cuda --out $OUT     (SDAR-4B-shaped, few layers)
+CPU: a tiny SDAR model (numbers are labelled CPU). CUDA: a random Qwen3/SDAR-4B-shaped model (hidden 2560,
+32 heads / 8 KV heads, head dim 128, MLP 9728, V = 151936) with few layers, batch 64, block 16, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
+
+import slim_ops  # noqa: E402
+from slim_rl.generate import generate  # noqa: E402
+from slim_rl.models import tiny  # noqa: E402
+
+STRATEGIES = ("tau_budget", "threshold", "topk")
+
+
+# ---------------------------------------------------------------------------------------- loop driver
+@torch.no_grad()
+def loop_generate(model, prompts, *, block_size, max_new_tokens, steps_per_block=None, strategy="tau_budget",
+                  tau=0.9, m=1.0):
+    """Straightforward per-sequence SDAR driver (greedy): one prompt at a time, KV cache, a host check
+    after every step. Returns (list of response tensors through the first EOS, total denoising forwards)."""
+    from transformers import DynamicCache
+
+    K = block_size
+    S = steps_per_block or K
+    nb = -(-max_new_tokens // K)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    mask_id, eos_id = model.mask_id, model.eos_id
+    outs, nfe = [], 0
+    for p in prompts:
+        ids = torch.as_tensor(p, dtype=torch.int64, device=device)[None]
+        L0 = ids.shape[1]
+        j = torch.arange(L0, device=device)
+        blk = -1 - (L0 - 1 - j) // K  # prompt blocks right-aligned to the prompt end
+        hide = torch.finfo(dtype).min
+        prefill_mask = torch.where(blk[None, :] <= blk[:, None], 0.0, hide).to(dtype)[None, None]
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, attention_mask=prefill_mask, position_ids=j[None], cache=cache, use_cache=True,
+              logits_to_keep=1)
+        resp = []
+        for b in range(nb):
+            Lc = L0 + b * K
+            attn = torch.zeros(1, 1, K, Lc + K, dtype=dtype, device=device)
+            pos = torch.arange(Lc, Lc + K, device=device)[None]
+            block = torch.full((1, K), mask_id, dtype=torch.int64, device=device)
+            for step in range(S):
+                logits = model(input_ids=block, attention_mask=attn, position_ids=pos, cache=cache,
+                               use_cache=True).logits
+                cache.crop(-K)
+                logits[..., mask_id] = float("-inf")
+                nfe += 1
+                out = slim_ops.tau_budget_step(logits, block, mask_id, tau=tau, m=m,
+                                               floor=slim_ops.static_floor(K, S, step), strategy=strategy)
+                block = out.block
+                if not bool((block == mask_id).any()):  # host sync every step
+                    break
+            model(input_ids=block, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
+                  logits_to_keep=1)
+            resp.extend(block[0].tolist())
+            if eos_id in block[0].tolist():
+                break
+        resp = resp[:max_new_tokens]
+        if eos_id in resp:
+            resp = resp[: resp.index(eos_id) + 1]
+        outs.append(torch.tensor(resp, dtype=torch.int64))
+    return outs, nfe
+
+
+# ---------------------------------------------------------------------------------------- timing
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"median_s": statistics.median(times), "p20_s": q[0], "p80_s": q[3], "runs": len(times)}
+
+
+def _git_sha():
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - a benchmark outside a checkout still runs
+        return "unknown"
+
+
+def _prompts(n, vocab, lo, hi, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab - 3, (L,), generator=g).tolist() for L in lens]
+
+
+def run(cfg, device, repeats, loop_repeats, loop_rows):
+    model = tiny("sdar", vocab_size=cfg["vocab"], seed=0, hidden_size=cfg["hidden"], num_layers=cfg["layers"],
+                 num_heads=cfg["heads"], num_kv_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
+                 intermediate_size=cfg["mlp"], head_std=cfg["head_std"], dtype=cfg["dtype"], device=device)
+    prompts = _prompts(cfg["batch"], cfg["vocab"], cfg["prompt_min"], cfg["prompt_max"], seed=1)
+    gen_kw = dict(block_size=cfg["block"], max_new_tokens=cfg["new_tokens"], tau=cfg["tau"])
+    results = []
+    for strategy in STRATEGIES:
+        # correctness gate: engine == loop driver (greedy, token for token) on the rows the loop driver runs
+        eng = generate(model, prompts, strategy=strategy, **gen_kw)
+        ref, ref_nfe = loop_generate(model, prompts[:loop_rows], strategy=strategy, **gen_kw)
+        for i, r in enumerate(ref):
+            if not torch.equal(eng.sequences[i], r):
+                raise SystemExit(f"correctness gate failed ({strategy}, row {i}): engine "
+                                 f"{eng.sequences[i].tolist()} != loop driver {r.tolist()}")
+            if (eng.sequences[i] == model.mask_id).any():
+                raise SystemExit(f"correctness gate failed ({strategy}, row {i}): mask token in the output")
+        if int(eng.nfe[:loop_rows].sum()) != ref_nfe:
+            raise SystemExit(f"correctness gate failed ({strategy}): NFE {int(eng.nfe[:loop_rows].sum())} "
+                             f"!= loop driver {ref_nfe}")
+        t_eng = _time(lambda s=strategy: generate(model, prompts, strategy=s, **gen_kw), device, repeats)
+        t_loop = _time(lambda s=strategy: loop_generate(model, prompts[:loop_rows], strategy=s, **gen_kw),
+                       device, loop_repeats)
+        tok_eng = eng.num_generated
+        tok_loop = int(eng.commits[:loop_rows].sum())  # same tokens as the engine rows (gate above)
+        eng_tps = tok_eng / t_eng["median_s"]
+        loop_tps = tok_loop / t_loop["median_s"]
+        met = eng.metrics()
+        results.append({
+            "strategy": strategy,
+            "engine": {**t_eng, "tokens": tok_eng, "tokens_per_s": eng_tps, "model_calls": eng.model_calls},
+            "loop_driver": {**t_loop, "rows": loop_rows, "tokens": tok_loop, "tokens_per_s": loop_tps},
+            "speedup_tokens_per_s": eng_tps / loop_tps,
+            "nfe_per_token": met["nfe_per_token"], "tokens_per_forward": met["tokens_per_forward"],
+            "mean_ewc": met["mean_ewc"], "commits_histogram": met["commits_histogram"],
+        })
+        print(f"{strategy:>10}: engine {eng_tps:9.1f} tok/s  loop {loop_tps:9.1f} tok/s  "
+              f"x{eng_tps / loop_tps:5.2f}  NFE/token {met['nfe_per_token']:.3f}  "
+              f"tok/fwd {met['tokens_per_forward']:.2f}  mean EWC {met['mean_ewc']:.4f}", flush=True)
+    return results
+
+
+CPU_CFG = dict(vocab=64, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp=128, head_std=0.5,
+               dtype=torch.float32, batch=32, block=8, new_tokens=32, prompt_min=6, prompt_max=20, tau=0.6)
+GPU_CFG = dict(vocab=151936, hidden=2560, layers=4, heads=32, kv_heads=8, head_dim=128, mlp=9728,
+               head_std=0.08, dtype=torch.bfloat16, batch=64, block=16, new_tokens=64, prompt_min=48,
+               prompt_max=128, tau=0.9)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "local"))
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None, help="override the model depth")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    cfg = dict(CPU_CFG if device.type == "cpu" else GPU_CFG)
+    if args.layers:
+        cfg["layers"] = args.layers
+    repeats = args.repeats or (5 if device.type == "cpu" else 3)
+    loop_rows = cfg["batch"] if device.type == "cpu" else 8
+    loop_repeats = 3
+    print(f"bench_generate on {device.type.upper()}: {cfg}", flush=True)
+    res = run(cfg, device, repeats, loop_repeats, loop_rows)
+    dev_name = (torch.cuda.get_device_name() if device.type == "cuda"
+                else f"CPU ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)")
+    import transformers
+    import triton
+
+    record = {
+        "benchmark": "generate", "device": dev_name, "label": device.type.upper(), "threads": args.threads,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "triton": triton.__version__, "python": platform.python_version()},
+        "git_sha": _git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()},
+        "formulas": {
+            "tokens_per_s": "sum of committed response tokens over rows / median wall seconds of one call",
+            "nfe_per_token": "sum over rows of denoising forwards / committed tokens",
+            "loop_driver": "one prompt at a time, batch 1, host check after every step; "
+                           "timed on `rows` prompts",
+        },
+        "results": res,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"bench_generate_{device.type}_{time.strftime('%Y%m%dT%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
