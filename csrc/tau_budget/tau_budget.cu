@@ -101,6 +101,9 @@ TB_HD float rng_uniform(uint32_t key, uint32_t v) {
   return mul_rn(add_rn(static_cast<float>(bits >> 8), 0.5f), 0x1p-24f);
 }
 
+// Running state of one thread / warp / block over part of a slot's logits: max m and Σexp(z/T − m) (NaN
+// once a NaN or +inf logit was seen), best score with its index and z/T, and `bad` for a NaN seen while the
+// max was still −inf.
 struct SlotState {
   float m, s, score, zt;
   int idx, bad;
@@ -110,44 +113,55 @@ TB_HD SlotState slot_init() {
   return SlotState{-INFINITY, 0.0f, -INFINITY, -INFINITY, INT_MAX, 0};
 }
 
+// Σ ex2(z·log2e − m·log2e) over a chunk: one FFMA and one MUFU.EX2 per element. NaN / +inf logits make the
+// sum NaN (NaN − m, inf − inf); a NaN met while everything so far is −inf is recorded in `bad`.
+template <int N>
+TB_HD float chunk_sum(const float (&z)[N], float m, int& bad) {
+  if (m == -INFINITY) {
+#pragma unroll
+    for (int e = 0; e < N; ++e) bad |= (z[e] != z[e]) ? 1 : 0;
+    return 0.0f;
+  }
+  const float ml = m * kLog2e;
+  float acc = 0.0f;
+#pragma unroll
+  for (int e = 0; e < N; ++e) acc += ex2(fmaf(z[e], kLog2e, -ml));
+  return acc;
+}
+
+// s·exp(m_old − m) for a running sum `s` taken at max m_old, when the max grows to m (m_old = −inf gives 0).
+TB_HD float rescale(float s, float m_old, float m) { return s * ex2((m_old - m) * kLog2e); }
+
 template <int N>
 TB_HD void greedy_chunk(SlotState& st, const float (&z)[N], int i0) {
-  const float m_old = st.score;
+  float cm = z[0];
 #pragma unroll
-  for (int e = 0; e < N; ++e) {
-    st.bad |= (z[e] < INFINITY) ? 0 : 1;
-    if (z[e] > st.score) {
-      st.score = z[e];
-      st.idx = i0 + e;
-    }
+  for (int e = 1; e < N; ++e) cm = fmaxf(cm, z[e]);
+  if (cm > st.score) {  // a new maximum: its first position in the chunk keeps the lowest index among ties
+    int first = N - 1;
+#pragma unroll
+    for (int e = N - 2; e >= 0; --e) first = (z[e] == cm) ? e : first;
+    st.s = rescale(st.s, st.score, cm);
+    st.score = cm;
+    st.idx = i0 + first;
   }
-  const float m = st.score;
-  if (m == -INFINITY) return;
-  float acc = st.s * ex2((m_old - m) * kLog2e);
-#pragma unroll
-  for (int e = 0; e < N; ++e) acc += ex2((z[e] - m) * kLog2e);
-  st.s = acc;
+  st.s += chunk_sum<N>(z, st.score, st.bad);
 }
 
 template <int MODE, int N>
-TB_HD void sample_chunk(SlotState& st, const float (&z)[N], int i0, float t, float inv_t,
-                                             uint32_t key) {
+TB_HD void sample_chunk(SlotState& st, const float (&z)[N], int i0, float t, float inv_t, uint32_t key) {
   float zt[N];
   float cm = -INFINITY;
 #pragma unroll
   for (int e = 0; e < N; ++e) {
-    st.bad |= (z[e] < INFINITY) ? 0 : 1;
     zt[e] = MODE == kSampleMul ? mul_rn(z[e], inv_t) : div_rn(z[e], t);
     cm = fmaxf(cm, zt[e]);
   }
-  const float m = fmaxf(st.m, cm);
-  if (m != -INFINITY) {
-    float acc = st.s * ex2((st.m - m) * kLog2e);
-#pragma unroll
-    for (int e = 0; e < N; ++e) acc += ex2((zt[e] - m) * kLog2e);
-    st.s = acc;
-    st.m = m;
+  if (cm > st.m) {
+    st.s = rescale(st.s, st.m, cm);
+    st.m = cm;
   }
+  st.s += chunk_sum<N>(zt, st.m, st.bad);
 #pragma unroll
   for (int e = 0; e < N; ++e) {
     const float u = rng_uniform(key, static_cast<uint32_t>(i0 + e));
@@ -305,7 +319,7 @@ TB_HD void finish_slot(const TauBudgetPartial* q, int splits, int64_t mask_id, i
   for (int i = 1; i < splits; ++i) combine(st, from_partial(q[i]));
   tok = mask_id;
   c = bits_to_float(0x7fffffffu);
-  if (!st.bad && st.m != -INFINITY) {
+  if (!st.bad && st.m != -INFINITY && st.s == st.s) {
     tok = st.idx;
     c = exp_f(st.zt - st.m) / st.s;
   }
