@@ -44,6 +44,8 @@ def triton_interpret() -> bool:
 
 def _why_not(name: str, device: torch.device, op: str, supported: tuple[str, ...]) -> str | None:
     """None when `name` can run `op` on `device`, else the reason."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; choose one of {BACKENDS} or None for auto"
     if name not in supported:
         return f"op {op!r} has no {name!r} backend (it has: {', '.join(supported)})"
     if name == "torch":

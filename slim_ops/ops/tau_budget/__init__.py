@@ -1,0 +1,1 @@
+"""Fused τ-budget decode step (SPEC.md §2)."""

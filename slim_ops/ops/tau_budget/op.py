@@ -1,0 +1,273 @@
+"""Public decode-step API: ``tau_budget_step`` and ``tau_budget_select`` (SPEC.md §2, §8).
+
+Both are registered as ``slim_ops::tau_budget_step`` / ``slim_ops::tau_budget_select`` custom ops (opaque to
+torch.compile, with fake kernels) and dispatch through :func:`slim_ops._backend.pick`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from slim_ops import _backend
+
+from .reference import STRATEGIES, static_floor
+from .torch_impl import select_torch, tau_budget_step_torch
+
+__all__ = ["StepOutput", "tau_budget_step", "tau_budget_select", "static_floor"]
+
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_BLOCK = 64
+
+
+class StepOutput(NamedTuple):
+    """Result of one denoising step for R rows of a K-slot block.
+
+    block [R,K] int64 (the block after committing), commit [R,K] bool, tokens [R,K] int64 (x0 for every slot;
+    mask_id for invalid slots), confidence [R,K] fp32 (c; NaN for invalid slots), num_committed [R] int32,
+    risk [R] fp32 (Σ_{j∈C} 1 − c_j, the expected number of wrong commits)."""
+
+    block: Tensor
+    commit: Tensor
+    tokens: Tensor
+    confidence: Tensor
+    num_committed: Tensor
+    risk: Tensor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# input checking and per-row parameter tensors
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fail(fn: str, msg: str) -> None:
+    raise ValueError(f"slim_ops.{fn}: {msg}")
+
+
+def _row_param(fn: str, name: str, value, R: int, device: torch.device, *, integer: bool,
+               lo: float, hi: float | None, lo_open: bool, hi_open: bool) -> Tensor | float | int:
+    """Check a scalar or [R] tensor parameter; returns the scalar or an fp64 / int64 tensor on `device`."""
+    def in_range_msg() -> str:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        return f"{left}{lo}, {hi if hi is not None else 'inf'}{right}"
+
+    if isinstance(value, Tensor):
+        if value.dim() != 1 or value.shape[0] != R:
+            _fail(fn, f"{name} must be a scalar or a 1-D tensor of length R={R}, got shape {tuple(value.shape)}")
+        if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            _fail(fn, f"{name} tensor must have an integer dtype, got {value.dtype}")
+        if not integer and not value.is_floating_point():
+            _fail(fn, f"{name} tensor must have a floating dtype (float64 for exact budgets), got {value.dtype}")
+        t = value.to(device=device, dtype=torch.int64 if integer else torch.float64)
+        ok = t > lo if lo_open else t >= lo
+        if hi is not None:
+            ok = ok & (t < hi if hi_open else t <= hi)
+        if not integer:
+            ok = ok & ~torch.isnan(t)
+        torch._assert_async(ok.all(), f"slim_ops.{fn}: every {name} must lie in {in_range_msg()}")
+        return t
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        _fail(fn, f"{name} must be {'an int' if integer else 'a float'} or a [R] tensor, got {type(value).__name__}")
+    v = float(value)
+    ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi)) and not math.isnan(v)
+    if not ok:
+        _fail(fn, f"{name} must lie in {in_range_msg()}, got {value}")
+    return value
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_params(R: int, device: torch.device, tau: float, m: float, floor: int):
+    b = (m if m > 0 else float(floor)) * (1.0 - tau)  # fp64 product, rounded to fp32 below
+    return (torch.full((R,), tau, dtype=torch.float32, device=device),
+            torch.full((R,), b, dtype=torch.float64, device=device).to(torch.float32),
+            torch.full((R,), floor, dtype=torch.int32, device=device))
+
+
+def _params(fn: str, R: int, device: torch.device, tau, m, floor):
+    tau = _row_param(fn, "tau", tau, R, device, integer=False, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    m = _row_param(fn, "m", m, R, device, integer=False, lo=0.0, hi=None, lo_open=False, hi_open=False)
+    floor = _row_param(fn, "floor", floor, R, device, integer=True, lo=0, hi=None, lo_open=False, hi_open=False)
+    if not any(isinstance(x, Tensor) for x in (tau, m, floor)) and not torch.compiler.is_compiling():
+        return _scalar_params(R, device, float(tau), float(m), int(floor))
+    tau64 = tau if isinstance(tau, Tensor) else torch.full((R,), float(tau), dtype=torch.float64, device=device)
+    m64 = m if isinstance(m, Tensor) else torch.full((R,), float(m), dtype=torch.float64, device=device)
+    fl = floor if isinstance(floor, Tensor) else torch.full((R,), int(floor), dtype=torch.int64, device=device)
+    m_eff = torch.where(m64 > 0, m64, fl.to(torch.float64))
+    bud = (m_eff * (1.0 - tau64)).to(torch.float32)
+    return tau64.to(torch.float32), bud, fl.to(torch.int32)
+
+
+def _strategy_id(fn: str, strategy: str) -> int:
+    if strategy not in STRATEGIES:
+        _fail(fn, f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    return STRATEGIES.index(strategy)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registered ops
+# ---------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("slim_ops::tau_budget_step", mutates_args=())
+def _tau_budget_step_op(logits: Tensor, block: Tensor, mask_id: int, tau32: Tensor, bud: Tensor, floor: Tensor,
+                        seed: Tensor, temperature: float, strategy_id: int, top_k: int, top_p: float,
+                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if backend == "torch" or (temperature > 0 and (top_k > 0 or top_p < 1.0)):
+        if backend != "torch":  # documented path: the filtered distribution is built in PyTorch, select in-kernel
+            from .torch_impl import slot_pass_torch
+
+            tokens, conf = slot_pass_torch(logits, mask_id, seed, temperature, top_k, top_p)
+            commit, num, risk = _select_dispatch(conf, block == mask_id, tau32, bud, floor, strategy_id, backend)
+            return torch.where(commit, tokens, block), commit, tokens, conf, num, risk
+        return tau_budget_step_torch(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id,
+                                     top_k, top_p)
+    if backend == "triton":
+        from .triton import tau_budget_step_triton
+
+        return tau_budget_step_triton(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id)
+    from .cuda import tau_budget_step_cuda
+
+    return tau_budget_step_cuda(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id)
+
+
+@_tau_budget_step_op.register_fake
+def _(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, top_k, top_p, backend):
+    R, K, _ = logits.shape
+    e = logits.new_empty
+    return (e((R, K), dtype=torch.int64), e((R, K), dtype=torch.bool), e((R, K), dtype=torch.int64),
+            e((R, K), dtype=torch.float32), e((R,), dtype=torch.int32), e((R,), dtype=torch.float32))
+
+
+def _select_dispatch(conf, masked, tau32, bud, floor, strategy_id, backend):
+    if backend == "triton":
+        from .triton import tau_budget_select_triton
+
+        return tau_budget_select_triton(conf, masked, tau32, bud, floor, strategy_id)
+    if backend == "cuda":
+        from .cuda import tau_budget_select_cuda
+
+        return tau_budget_select_cuda(conf, masked, tau32, bud, floor, strategy_id)
+    return select_torch(conf, masked, tau32, bud, floor, strategy_id)
+
+
+@torch.library.custom_op("slim_ops::tau_budget_select", mutates_args=())
+def _tau_budget_select_op(confidence: Tensor, masked: Tensor, tau32: Tensor, bud: Tensor, floor: Tensor,
+                          strategy_id: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _select_dispatch(confidence, masked, tau32, bud, floor, strategy_id, backend)
+
+
+@_tau_budget_select_op.register_fake
+def _(confidence, masked, tau32, bud, floor, strategy_id, backend):
+    R, K = confidence.shape
+    e = confidence.new_empty
+    return e((R, K), dtype=torch.bool), e((R,), dtype=torch.int32), e((R,), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------------------------
+
+def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float | Tensor = 0.9,
+                    m: float | Tensor = 1.0, floor: int | Tensor = 1, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, generator: torch.Generator | None = None, strategy: str = "tau_budget",
+                    backend: str | None = None) -> StepOutput:
+    """One denoising step of one block for R sequences (SPEC.md §2).
+
+    Args:
+        logits: [R, K, V] bf16/fp16/fp32 logits of the K block slots (already un-shifted: row j scores slot j).
+            Any strides; the vocabulary dimension is read contiguously (a copy is made if it is not).
+        block: [R, K] int64 current block; slots equal to ``mask_id`` are the masked set M.
+        mask_id: the mask token id, 0 <= mask_id < V.
+        tau: threshold τ in (0, 1), scalar or [R] tensor (float64 keeps the budget exact).
+        m: budget multiplier m >= 0 (0 means m_eff = floor), scalar or [R] tensor.
+        floor: least commits f >= 0 this step (see :func:`static_floor`), int or [R] integer tensor.
+        temperature: 0 = greedy (x0 = argmax z, c = softmax(z)[x0]); T > 0 samples x0 ~ softmax(z/T) by Gumbel-max
+            with a counter-based RNG (reference.py) seeded from ``generator`` and returns c = p̃[x0].
+        top_k, top_p: filters applied before sampling (T > 0 only). When active, the filtered distribution is
+            built by the documented PyTorch path (full-vocab sort per slot), then selection runs in the backend.
+        generator: torch.Generator for the seed (one int64 drawn per call, on the generator's device).
+        strategy: "tau_budget" (commit the most confident above-τ slots while Σ(1−c) <= fp32(m_eff·(1−τ)), at least
+            f), "threshold" (all above τ, at least f) or "topk" (exactly f); all clamped to |M|.
+        backend: "torch" | "triton" | "cuda" | None (auto: fastest for the device; see slim_ops._backend).
+
+    Returns:
+        :class:`StepOutput` (block, commit, tokens, confidence, num_committed, risk); everything stays on the device
+        and no host synchronisation happens. Slots whose logits hold NaN or +inf, or are all -inf, are invalid:
+        token = mask_id, confidence = NaN, never committed.
+    """
+    fn = "tau_budget_step"
+    if not isinstance(logits, Tensor) or logits.dim() != 3:
+        _fail(fn, f"logits must be a [R, K, V] tensor, got {getattr(logits, 'shape', type(logits).__name__)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        _fail(fn, f"logits must be bfloat16, float16 or float32, got {logits.dtype}")
+    R, K, V = logits.shape
+    if not 1 <= K <= MAX_BLOCK:
+        _fail(fn, f"block length K must be in [1, {MAX_BLOCK}], got K={K}")
+    if V < 1 or V >= 2**31:
+        _fail(fn, f"vocab size V must be in [1, 2^31), got {V}")
+    if not isinstance(block, Tensor) or block.shape != (R, K):
+        _fail(fn, f"block must be a [R, K] = [{R}, {K}] tensor, got {getattr(block, 'shape', type(block).__name__)}")
+    if block.dtype != torch.int64:
+        _fail(fn, f"block must be int64, got {block.dtype}")
+    if block.device != logits.device:
+        _fail(fn, f"block is on {block.device} but logits are on {logits.device}")
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < V:
+        _fail(fn, f"mask_id must be an int in [0, V={V}), got {mask_id!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        _fail(fn, f"temperature must be a finite float >= 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        _fail(fn, f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        _fail(fn, f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        _fail(fn, f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    sid = _strategy_id(fn, strategy)
+    tau32, bud, fl = _params(fn, R, logits.device, tau, m, floor)
+    name = _backend.pick(fn, logits.device, backend)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    temperature = float(temperature)
+    if temperature > 0:
+        gdev = generator.device if generator is not None else logits.device
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
+        seed = seed.to(logits.device, non_blocking=True)
+    else:
+        seed = _zero_seed(logits.device)
+    out = _tau_budget_step_op(logits, block, mask_id, tau32, bud, fl, seed, temperature, sid, int(top_k),
+                              float(top_p), name)
+    return StepOutput(*out)
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_seed(device: torch.device) -> Tensor:
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def tau_budget_select(confidence: Tensor, masked: Tensor, *, tau: float | Tensor = 0.9, m: float | Tensor = 1.0,
+                      floor: int | Tensor = 1, strategy: str = "tau_budget",
+                      backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Commit selection alone (SPEC §2.3/§2.4) on given confidences.
+
+    Args: confidence [R, K] float (computed in fp32; NaN = not eligible), masked [R, K] bool (the set M); tau, m,
+    floor, strategy as in :func:`tau_budget_step`.
+    Returns: (commit [R, K] bool, num_committed [R] int32, risk [R] fp32)."""
+    fn = "tau_budget_select"
+    if not isinstance(confidence, Tensor) or confidence.dim() != 2:
+        _fail(fn, f"confidence must be a [R, K] tensor, got {getattr(confidence, 'shape', type(confidence).__name__)}")
+    if not confidence.is_floating_point():
+        _fail(fn, f"confidence must be a floating tensor, got {confidence.dtype}")
+    R, K = confidence.shape
+    if not 1 <= K <= MAX_BLOCK:
+        _fail(fn, f"block length K must be in [1, {MAX_BLOCK}], got K={K}")
+    if not isinstance(masked, Tensor) or masked.shape != (R, K) or masked.dtype != torch.bool:
+        _fail(fn, f"masked must be a bool [R, K] = [{R}, {K}] tensor, got "
+                  f"{getattr(masked, 'dtype', None)} {tuple(getattr(masked, 'shape', ()))}")
+    if masked.device != confidence.device:
+        _fail(fn, f"masked is on {masked.device} but confidence is on {confidence.device}")
+    sid = _strategy_id(fn, strategy)
+    tau32, bud, fl = _params(fn, R, confidence.device, tau, m, floor)
+    name = _backend.pick(fn, confidence.device, backend)
+    return _tau_budget_select_op(confidence.to(torch.float32), masked, tau32, bud, fl, sid, name)

@@ -1,0 +1,404 @@
+"""Decode step (SPEC §2): worked examples, property tests against the per-row reference, every backend."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import slim_ops
+from slim_ops.ops.tau_budget.reference import (
+    budget,
+    gumbel_noise,
+    select_row_ref,
+    tau_budget_step_ref,
+)
+from slim_ops.testing import assert_close
+
+BACKENDS = ["torch", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+F32_09 = float(np.float32(0.9))
+
+
+def _select(c, masked=None, backend="torch", **kw):
+    c = torch.tensor(c, dtype=torch.float32, device=DEV)
+    if c.dim() == 1:
+        c = c[None]
+    masked = torch.ones_like(c, dtype=torch.bool) if masked is None else torch.tensor(masked, device=DEV)
+    if masked.dim() == 1:
+        masked = masked[None]
+    commit, num, risk = slim_ops.tau_budget_select(c, masked, backend=backend, **kw)
+    return [j for j in range(c.shape[1]) if commit[0, j]], int(num[0]), float(risk[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SPEC §2.5 worked examples, every backend
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_example1(backend):
+    c = [0.97, 0.95, 0.40, 0.99, 0.92, 0.10, 0.96, 0.60]
+    C, k, risk = _select(c, backend=backend)
+    assert C == [0, 3, 6] and k == 3
+    assert risk == pytest.approx(0.08, abs=1e-6)
+    assert _select(c, backend=backend, strategy="threshold")[0] == [0, 1, 3, 4, 6]
+    assert _select(c, backend=backend, strategy="topk")[0] == [3]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strategy", ["tau_budget", "threshold", "topk"])
+def test_example2_nothing_above_tau(backend, strategy):
+    c = [0.999, 0.999, 0.999, 0.50, 0.85, 0.30, 0.90, 0.20]
+    masked = [False, False, False, True, True, True, True, True]
+    C, k, _ = _select(c, masked, backend=backend, strategy=strategy)
+    assert C == [6] and k == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strategy", ["tau_budget", "threshold", "topk"])
+def test_example3_floor_binds(backend, strategy):
+    c = [0.99, 0.50, 0.40, 0.95, 0.30, 0.20, 0.10, 0.60]
+    C, k, risk = _select(c, backend=backend, floor=4, strategy=strategy)
+    assert set(C) == {0, 3, 7, 1} and k == 4
+    assert risk == pytest.approx(0.96, abs=1e-6)
+    if strategy == "tau_budget":
+        assert risk > budget(0.9, 1.0, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_example4_fp32_arithmetic(backend):
+    assert np.float32(1) - np.float32(0.95) == np.float32(0.050000012)
+    C, k, _ = _select([0.95, 0.95, 0.95, 0.30], backend=backend)
+    assert C == [0] and k == 1  # exact arithmetic would admit 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_example5_m0_uses_floor(backend):
+    c = [0.99, 0.98, 0.95, 0.93, 0.92, 0.91, 0.50, 0.40, 0.30, 0.20, 0.85, 0.10, 0.97, 0.05, 0.60, 0.70]
+    C, k, _ = _select(c, backend=backend, m=0.0, floor=4)
+    assert C == [0, 1, 2, 3, 4, 5, 12] and k == 7
+    C, k, _ = _select(c, backend=backend, m=1.0, floor=4)
+    assert C == [0, 1, 2, 12] and k == 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strategy", ["tau_budget", "threshold", "topk"])
+def test_example6_nothing_masked(backend, strategy):
+    C, k, risk = _select([0.99, 0.5, 0.95], [False, False, False], backend=backend, strategy=strategy)
+    assert C == [] and k == 0 and risk == 0.0
+
+
+def test_static_floor():
+    assert [slim_ops.static_floor(16, 16, j) for j in range(16)] == [1] * 16
+    assert [slim_ops.static_floor(8, 2, j) for j in range(2)] == [4, 4]
+    assert [slim_ops.static_floor(7, 3, j) for j in range(3)] == [3, 2, 2]
+    assert sum(slim_ops.static_floor(16, 5, j) for j in range(5)) == 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# property tests of the selection against the per-row reference
+# ---------------------------------------------------------------------------------------------------------------
+
+_EDGE = [F32_09, float(np.nextafter(np.float32(0.9), np.float32(1))), float(np.nextafter(np.float32(0.9),
+         np.float32(0))), 0.95, 0.95, 0.99, 0.999, 1.0, 0.0, 0.5, float("nan")]
+
+
+@st.composite
+def _rows(draw):
+    K = draw(st.sampled_from([1, 2, 3, 7, 8, 16, 33, 64]))
+    R = draw(st.integers(1, 4))
+    conf_el = st.one_of(st.sampled_from(_EDGE), st.floats(0.0, 1.0, width=32))
+    c = [[draw(conf_el) for _ in range(K)] for _ in range(R)]
+    masked = [[draw(st.booleans()) or draw(st.booleans()) for _ in range(K)] for _ in range(R)]
+    tau = [draw(st.sampled_from([0.9, 0.5, 0.75, 0.99])) for _ in range(R)]
+    m = [draw(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0])) for _ in range(R)]
+    floor = [draw(st.integers(0, K + 2)) for _ in range(R)]
+    strategy = draw(st.sampled_from(["tau_budget", "threshold", "topk"]))
+    per_row = draw(st.booleans())
+    return c, masked, tau, m, floor, strategy, per_row
+
+
+def _check_select(backend, data):
+    c, masked, tau, m, floor, strategy, per_row = data
+    ct = torch.tensor(c, dtype=torch.float32)
+    mt = torch.tensor(masked, dtype=torch.bool)
+    R = ct.shape[0]
+    if per_row:
+        kw = dict(tau=torch.tensor(tau, dtype=torch.float64, device=DEV),
+                  m=torch.tensor(m, dtype=torch.float64, device=DEV), floor=torch.tensor(floor, device=DEV))
+    else:
+        tau, m, floor = [tau[0]] * R, [m[0]] * R, [floor[0]] * R
+        kw = dict(tau=tau[0], m=m[0], floor=floor[0])
+    commit, num, risk = slim_ops.tau_budget_select(ct.to(DEV), mt.to(DEV), strategy=strategy, backend=backend, **kw)
+    for r in range(R):
+        ec, ek, erisk = select_row_ref(ct[r], mt[r], tau[r], m[r], floor[r], strategy)
+        assert torch.equal(commit[r].cpu(), ec), (r, c[r], masked[r], tau[r], m[r], floor[r], strategy)
+        assert int(num[r]) == ek
+        assert float(risk[r]) == erisk  # same fp32 additions in the same order
+        # SPEC §2.3 properties
+        elig = mt[r] & ~torch.isnan(ct[r])
+        assert not (commit[r].cpu() & ~elig).any()
+        if strategy == "tau_budget":
+            b = budget(tau[r], m[r], floor[r])
+            above = elig & (ct[r] > np.float32(tau[r]))
+            if ek > floor[r] and above.any():
+                assert erisk <= b + 1e-7 and bool((commit[r].cpu() <= above).all())
+            m_eff = m[r] if m[r] > 0 else floor[r]
+            if above.any() and m_eff >= 1:
+                assert ek >= 1
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=_rows())
+def test_select_matches_reference_torch(backend, data):
+    _check_select(backend, data)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=_rows())
+def test_select_matches_reference_triton(data):
+    _check_select("triton", data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fused step against the per-row reference
+# ---------------------------------------------------------------------------------------------------------------
+
+def _random_step_inputs(R, K, V, dtype, mask_id, frac_masked=0.7, sharp=4.0):
+    g = torch.Generator().manual_seed(R * 1000 + K * 10 + V)
+    logits = (torch.randn(R, K, V, generator=g) * sharp).to(dtype)
+    block = torch.randint(0, V, (R, K), generator=g)
+    block[torch.rand(R, K, generator=g) < frac_masked] = mask_id
+    return logits, block
+
+
+def _compare_step(out, ref, exact_conf=False):
+    nb, commit, tokens, conf, num, risk = ref
+    assert torch.equal(out.tokens.cpu(), tokens)
+    assert_close(out.confidence, conf, name="confidence", atol=0 if exact_conf else 2e-6, rtol=0 if exact_conf
+                 else 2e-5)
+    assert torch.equal(out.commit.cpu(), commit)
+    assert torch.equal(out.block.cpu(), nb)
+    assert torch.equal(out.num_committed.cpu(), num)
+    assert_close(out.risk, risk, name="risk", atol=1e-5, rtol=1e-5)
+    assert out.tokens.dtype == torch.int64 and out.block.dtype == torch.int64
+    assert out.confidence.dtype == torch.float32 and out.num_committed.dtype == torch.int32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("R,K,V", [(3, 7, 1151), (2, 16, 300), (1, 1, 5)])
+@pytest.mark.parametrize("strategy", ["tau_budget", "threshold", "topk"])
+def test_greedy_step_matches_reference(backend, dtype, R, K, V, strategy):
+    mask_id = V - 1
+    logits, block = _random_step_inputs(R, K, V, dtype, mask_id)
+    ref = tau_budget_step_ref(logits.float(), block, mask_id, tau=0.5, m=1.0, floor=1, strategy=strategy)
+    out = slim_ops.tau_budget_step(logits.to(DEV), block.to(DEV), mask_id, tau=0.5, floor=1, strategy=strategy,
+                                   backend=backend)
+    _compare_step(out, ref, exact_conf=(backend == "torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_step_per_row_params_and_noncontiguous(backend):
+    R, K, V, mask_id = 4, 8, 777, 3
+    big, block = _random_step_inputs(R, 2 * K, V + 5, torch.float32, mask_id, sharp=6.0)
+    logits = big[:, ::2, :V]  # non-contiguous rows and slots
+    block = block[:, ::2].clone()
+    block[:, :] = torch.where(block >= V, mask_id, block)
+    tau = torch.tensor([0.9, 0.5, 0.3, 0.99], dtype=torch.float64)
+    m = torch.tensor([1.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    floor = torch.tensor([1, 2, 0, 9])
+    ref = tau_budget_step_ref(logits, block, mask_id, tau=tau, m=m, floor=floor)
+    out = slim_ops.tau_budget_step(logits.to(DEV), block.to(DEV), mask_id, tau=tau.to(DEV), m=m.to(DEV),
+                                   floor=floor.to(DEV), backend=backend)
+    _compare_step(out, ref, exact_conf=(backend == "torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_ties_take_lowest_index(backend):
+    logits = torch.zeros(1, 3, 20)
+    logits[0, 0, [4, 9, 15]] = 5.0
+    logits[0, 1, :] = 1.0
+    logits[0, 2, [19, 2]] = 3.0
+    out = slim_ops.tau_budget_step(logits.to(DEV), torch.full((1, 3), 0, device=DEV), 0, backend=backend)
+    assert out.tokens.tolist() == [[4, 0, 2]]
+    assert out.confidence[0, 1].item() == pytest.approx(1 / 20, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_inf_slots_never_commit(backend):
+    R, K, V, mask_id = 2, 4, 64, 0
+    logits = torch.randn(R, K, V) * 8
+    logits[0, 0, 5] = float("nan")
+    logits[0, 1, 7] = float("inf")
+    logits[0, 2, :] = float("-inf")
+    logits[1, :, :] = float("nan")
+    logits[0, 3, 10:] = float("-inf")  # partially -inf is a valid distribution
+    block = torch.full((R, K), mask_id)
+    for temperature in (0.0, 0.7):
+        out = slim_ops.tau_budget_step(logits.to(DEV), block.to(DEV), mask_id, floor=4, temperature=temperature,
+                                       generator=torch.Generator(DEV).manual_seed(3), backend=backend)
+        assert out.commit.tolist() == [[False, False, False, True], [False] * 4]
+        assert out.tokens[0, :3].tolist() == [mask_id] * 3 and out.tokens[1].tolist() == [mask_id] * 4
+        assert torch.isnan(out.confidence[0, :3]).all() and torch.isnan(out.confidence[1]).all()
+        assert 0 <= out.tokens[0, 3].item() < 10 and math.isfinite(out.confidence[0, 3].item())
+        assert out.num_committed.tolist() == [1, 0] and out.risk[1].item() == 0.0
+        assert out.block[1].tolist() == [mask_id] * 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows_and_k64(backend):
+    out = slim_ops.tau_budget_step(torch.randn(0, 4, 10, device=DEV), torch.zeros(0, 4, dtype=torch.int64,
+                                   device=DEV), 1, backend=backend)
+    assert out.block.shape == (0, 4) and out.risk.shape == (0,)
+    logits, block = _random_step_inputs(1, 64, 40, torch.float32, 39, sharp=8.0)
+    ref = tau_budget_step_ref(logits, block, 39, m=0.0, floor=3)
+    _compare_step(slim_ops.tau_budget_step(logits.to(DEV), block.to(DEV), 39, m=0.0, floor=3, backend=backend),
+                  ref, exact_conf=(backend == "torch"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------------------------
+
+def _chi2_ok(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson chi-square statistic over categories with expected count >= 5 (rest pooled)."""
+    n = counts.sum()
+    exp = probs * n
+    keep = exp >= 5
+    obs = np.append(counts[keep], counts[~keep].sum())
+    ex = np.append(exp[keep], exp[~keep].sum())
+    obs, ex = obs[ex > 0], ex[ex > 0]
+    return float(((obs - ex) ** 2 / ex).sum()), len(obs) - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_distribution(backend):
+    V, T = 6, 0.7
+    z = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    n_rows, K = (75, 4) if backend == "triton" and DEV == "cpu" else (4000, 4)
+    logits = z.expand(n_rows, K, V).contiguous()
+    out = slim_ops.tau_budget_step(logits.to(DEV), torch.full((n_rows, K), 5, device=DEV), 5, temperature=T,
+                                   generator=torch.Generator(DEV).manual_seed(11), backend=backend)
+    tok = out.tokens.cpu().flatten().numpy()
+    probs = torch.softmax(z / T, 0).numpy()
+    stat, dof = _chi2_ok(np.bincount(tok, minlength=V), probs)
+    assert stat < 25.0, f"chi-square {stat:.1f} with {dof} dof: sampled frequencies do not follow softmax(z/T)"
+    assert_close(out.confidence.cpu().flatten(), torch.tensor(probs)[tok], name="c = p(x0)", atol=1e-6, rtol=1e-5)
+
+
+def test_sampling_reproducible_and_same_stream_across_backends():
+    R, K, V = 3, 5, 97
+    logits = torch.randn(R, K, V) * 2
+    block = torch.full((R, K), 0)
+    outs = [slim_ops.tau_budget_step(logits.to(DEV), block.to(DEV), 0, temperature=1.3,
+                                     generator=torch.Generator().manual_seed(5), backend=b) for b in BACKENDS]
+    for o in outs[1:]:
+        assert torch.equal(o.tokens.cpu(), outs[0].tokens.cpu())
+        assert_close(o.confidence, outs[0].confidence, name="confidence", atol=1e-6, rtol=1e-5)
+    again = slim_ops.tau_budget_step(logits.to(DEV), block.to(DEV), 0, temperature=1.3,
+                                     generator=torch.Generator().manual_seed(5), backend="torch")
+    assert torch.equal(again.tokens, outs[0].tokens.to(again.tokens.device))
+    seed = torch.tensor([123456789012345], dtype=torch.int64)
+    ref = tau_budget_step_ref(logits, block, 0, temperature=1.3, seed=seed)
+    g = gumbel_noise(seed, torch.arange(R * K), V).view(R, K, V)
+    assert torch.equal(ref[2], (logits / 1.3 + g).argmax(-1))
+
+
+def test_gumbel_noise_is_uniform_and_independent():
+    g = gumbel_noise(torch.tensor([42]), torch.arange(64), 4096)
+    u = torch.exp(-torch.exp(-g)).flatten().double()
+    assert abs(u.mean().item() - 0.5) < 3e-3 and abs(u.var().item() - 1 / 12) < 2e-3
+    counts = torch.histc(u, bins=32, min=0, max=1).numpy()
+    stat, _ = _chi2_ok(counts, np.full(32, 1 / 32))
+    assert stat < 70
+    assert abs(np.corrcoef(u[:-1].numpy(), u[1:].numpy())[0, 1]) < 0.01
+
+
+@pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.8), (4, 0.9)])
+def test_top_k_top_p_distribution(top_k, top_p):
+    V, T = 8, 1.0
+    z = torch.tensor([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -0.5, -1.0])
+    n = 3000
+    out = slim_ops.tau_budget_step(z.expand(n, 1, V).contiguous().to(DEV), torch.full((n, 1), 7, device=DEV), 7,
+                                   temperature=T, top_k=top_k, top_p=top_p,
+                                   generator=torch.Generator(DEV).manual_seed(2))
+    p = torch.softmax(z / T, 0)
+    keep = torch.zeros(V, dtype=torch.bool)
+    keep[: top_k if top_k else V] = True
+    cum = torch.cumsum(p * keep, 0) / (p * keep).sum()
+    before = torch.cat([torch.zeros(1), cum[:-1]])
+    keep &= before < top_p
+    pt = (p * keep) / (p * keep).sum()
+    tok = out.tokens.cpu().flatten().numpy()
+    assert not np.isin(tok, np.nonzero(~keep.numpy())[0]).any()
+    stat, _ = _chi2_ok(np.bincount(tok, minlength=V), pt.numpy())
+    assert stat < 25
+    assert_close(out.confidence.cpu().flatten(), pt[tok], name="c = p~(x0)", atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# input checking, registration
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(tau=1.0), "tau must lie in"), (dict(tau=0.0), "tau must lie in"), (dict(m=-1.0), "m must lie in"),
+    (dict(floor=-1), "floor must lie in"), (dict(floor=1.5), "floor must be an int"),
+    (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(strategy="greedy"), "strategy must be one of"), (dict(tau=torch.tensor([0.9])), "length R=2"),
+    (dict(floor=torch.tensor([1.0, 2.0])), "integer dtype"), (dict(backend="nope"), "unknown backend"),
+])
+def test_input_errors(kwargs, msg):
+    logits, block = torch.randn(2, 4, 10), torch.full((2, 4), 9)
+    with pytest.raises((ValueError, RuntimeError), match=msg):
+        slim_ops.tau_budget_step(logits, block, 9, **kwargs)
+
+
+def test_shape_and_dtype_errors():
+    with pytest.raises(ValueError, match=r"\[R, K, V\]"):
+        slim_ops.tau_budget_step(torch.randn(4, 10), torch.zeros(4, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="K must be in"):
+        slim_ops.tau_budget_step(torch.randn(1, 65, 10), torch.zeros(1, 65, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        slim_ops.tau_budget_step(torch.randn(1, 4, 10).double(), torch.zeros(1, 4, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="block must be int64"):
+        slim_ops.tau_budget_step(torch.randn(1, 4, 10), torch.zeros(1, 4, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match="mask_id must be an int in"):
+        slim_ops.tau_budget_step(torch.randn(1, 4, 10), torch.zeros(1, 4, dtype=torch.int64), 10)
+    with pytest.raises(ValueError, match="block must be a"):
+        slim_ops.tau_budget_step(torch.randn(1, 4, 10), torch.zeros(2, 4, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="masked must be a bool"):
+        slim_ops.tau_budget_select(torch.rand(2, 4), torch.ones(2, 4, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="every tau must lie"):
+        slim_ops.tau_budget_select(torch.rand(2, 4), torch.ones(2, 4, dtype=torch.bool),
+                                   tau=torch.tensor([0.5, 1.5], dtype=torch.float64))
+
+
+def test_cuda_backend_error_is_actionable():
+    with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors|slim_ops._C"):
+        slim_ops.tau_budget_step(torch.randn(1, 4, 10), torch.zeros(1, 4, dtype=torch.int64), 1, backend="cuda")
+
+
+def test_opcheck_and_compile():
+    logits, block = _random_step_inputs(2, 8, 50, torch.float32, 49)
+    from slim_ops.ops.tau_budget.op import _params
+
+    tau32, bud, fl = _params("t", 2, torch.device("cpu"), 0.9, 1.0, 1)
+    seed = torch.tensor([7])
+    torch.library.opcheck(torch.ops.slim_ops.tau_budget_step.default,
+                          (logits, block, 49, tau32, bud, fl, seed, 0.0, 0, 0, 1.0, "torch"))
+    torch.library.opcheck(torch.ops.slim_ops.tau_budget_select.default,
+                          (torch.rand(2, 8), block == 49, tau32, bud, fl, 1, "torch"))
+
+    def step(lg, bl):
+        out = slim_ops.tau_budget_step(lg, bl, 49, tau=0.9, floor=1, backend="torch")
+        return out.block, out.risk
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    a, b = compiled(logits, block), step(logits, block)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
