@@ -1,0 +1,343 @@
+"""slim_policy_loss (SPEC §4.4-4.6): the §4.6 test vector on every backend, an independent fp64
+implementation for every level and KL estimator (clamp boundaries, both clip sides, empty rows),
+opcheck, torch.compile(fullgraph=True), gradients to logp only, input validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import slim_ops
+from slim_ops.ops.policy_loss.reference import slim_policy_loss_ref
+from slim_ops.testing import assert_close
+
+BACKENDS = ["torch", "triton"]
+
+
+# --------------------------------------------------------------------------------------------------
+# independent implementation: per row / block / token in Python, fp64, explicit piecewise gradients
+# --------------------------------------------------------------------------------------------------
+def _clamped(x: torch.Tensor) -> torch.Tensor:
+    """clamp(x, -10, 10) whose gradient is 1 on the closed interval and 0 outside."""
+    v = float(x.detach())
+    if abs(v) <= 10.0:
+        return x
+    return torch.tensor(math.copysign(10.0, v), dtype=x.dtype)
+
+
+def _unit_objective(ratio: torch.Tensor, a: float, lo: float, hi: float):
+    """min(ratio*A, clip(ratio)*A) as a piecewise function: ratio*A where the clip is inactive."""
+    r = float(ratio.detach())
+    keep = (a >= 0 and r <= hi) or (a < 0 and r >= lo)
+    if keep:
+        return ratio * a, False
+    return torch.tensor(min(max(r, lo), hi) * a, dtype=ratio.dtype), True
+
+
+def independent_loss(logp, logp_old, mask, adv, w, *, level="sequence", clip_low=0.1, clip_high=0.1,
+                     clip_token=0.2, kl_coef=0.01, kl_estimator="k3", response_len=None, block_size=None):
+    B, L = logp.shape
+    L1 = response_len or L
+    lo32 = float(torch.tensor(1.0 - clip_low, dtype=torch.float32))  # bounds as fp32 values, like the op
+    hi32 = float(torch.tensor(1.0 + clip_high, dtype=torch.float32))
+    tlo32 = float(torch.tensor(1.0 - clip_token, dtype=torch.float32))
+    thi32 = float(torch.tensor(1.0 + clip_token, dtype=torch.float32))
+    pol = torch.zeros((), dtype=torch.float64)
+    kl_total = torch.zeros((), dtype=torch.float64)
+    units = clipped = 0
+    ratio_sum = 0.0
+    for b in range(B):
+        a = float(adv[b])
+        idx = [i for i in range(L) if bool(mask[b, i])]
+        deltas = {i: logp[b, i] - float(logp_old[b, i]) for i in idx}
+        J = torch.zeros((), dtype=torch.float64)
+        if level == "sequence" and idx:
+            s = torch.exp(_clamped(sum(deltas.values()) / len(idx)))
+            J, c = _unit_objective(s, a, lo32, hi32)
+            units, clipped, ratio_sum = units + 1, clipped + c, ratio_sum + float(s.detach())
+        elif level == "block":
+            for start in range(0, L, block_size):
+                blk = [i for i in idx if start <= i < start + block_size]
+                if not blk:
+                    continue
+                s = torch.exp(_clamped(sum(deltas[i] for i in blk) / len(blk)))
+                obj, c = _unit_objective(s, a, lo32, hi32)
+                J = J + len(blk) * obj / L1
+                units, clipped, ratio_sum = units + 1, clipped + c, ratio_sum + float(s.detach())
+        elif level == "token":
+            for i in idx:
+                r = torch.exp(_clamped(deltas[i]))
+                obj, c = _unit_objective(r, a, tlo32, thi32)
+                J = J + obj / L1
+                units, clipped, ratio_sum = units + 1, clipped + c, ratio_sum + float(r.detach())
+        kl_row = torch.zeros((), dtype=torch.float64)
+        for i in idx:
+            d = deltas[i]
+            if kl_estimator == "k3":
+                kl_row = kl_row + torch.exp(_clamped(-d)) - 1 + d
+            elif kl_estimator == "k2":
+                kl_row = kl_row + 0.5 * d * d
+            else:
+                kl_row = kl_row + d
+        pol = pol - float(w[b]) * J / B
+        kl_total = kl_total + float(w[b]) * (kl_row / L1) / B
+    loss = pol + kl_coef * kl_total
+    metrics = {"policy_loss": pol, "kl_loss": kl_coef * kl_total, "kl": kl_total,
+               "clip_frac": torch.tensor(clipped / max(units, 1)),
+               "ratio_mean": torch.tensor(ratio_sum / max(units, 1)),
+               "masked_count": mask.sum().double()}
+    return loss, metrics
+
+
+def _random_case(B=6, L=11, seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, L, generator=g) * 5
+    logp = old + scale * torch.randn(B, L, generator=g)
+    mask = torch.rand(B, L, generator=g) < 0.6
+    mask[0] = False  # an empty row contributes nothing
+    mask[1] = True
+    logp[2, mask[2]] = old[2, mask[2]] + 12.0  # sequence log-ratio above the +10 clamp
+    logp[3, 5] = old[3, 5] - 11.0  # one token below the -10 clamp
+    mask[3, 5] = True
+    adv = torch.randn(B, generator=g)
+    adv[4] = 0.0
+    w = torch.rand(B, generator=g) + 0.1
+    return logp, old, mask, adv, w
+
+
+def _check_against_independent(backend, logp, old, mask, adv, w, **kw):
+    lp = logp.clone().requires_grad_()
+    loss, metrics = slim_ops.slim_policy_loss(lp, old, mask, adv, w, backend=backend, **kw)
+    loss.backward()
+    lp64 = logp.double().requires_grad_()
+    exp_loss, exp_metrics = independent_loss(lp64, old.double(), mask, adv.double(), w.double(), **kw)
+    exp_loss.backward()
+    assert_close(loss, exp_loss, name=f"{backend} loss {kw}")
+    assert_close(lp.grad, lp64.grad, name=f"{backend} dL/dlogp {kw}")
+    for k, v in exp_metrics.items():
+        assert_close(metrics[k], v, name=f"{backend} metric {k} {kw}")
+    # the fp32 reference (autograd through torch.minimum / clamp) agrees too
+    lpr = logp.clone().requires_grad_()
+    ref_loss, _ = slim_policy_loss_ref(lpr, old, mask, adv, w, **kw)
+    ref_loss.backward()
+    assert_close(lpr.grad, lp64.grad, name=f"reference dL/dlogp {kw}")
+
+
+# --------------------------------------------------------------------------------------------------
+# SPEC §4.6 test vector
+# --------------------------------------------------------------------------------------------------
+def _spec_vector():
+    rows = {0: {2: 0.2}, 1: {0: 0.05, 3: -0.02, 5: 0.01, 6: 0.0},
+            2: {0: -0.3, 1: -0.1, 2: 0.2, 3: 0.05, 4: -0.05, 5: 0.0, 7: -0.2}}
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    delta = torch.zeros(3, 8)
+    for r, d in rows.items():
+        for i, v in d.items():
+            mask[r, i] = True
+            delta[r, i] = v
+    old = -torch.rand(3, 8, generator=torch.Generator().manual_seed(3)) * 4
+    return old + delta, old, mask, torch.tensor([5 / 18, 8 / 18, 5 / 18])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_spec_test_vector(backend):
+    logp, old, mask, w = _spec_vector()
+    expect = {0.5: (-0.16946942, -0.16945567, {(0, 2): 2.098e-5, (1, 0): -0.0186956, (2, 0): -0.00628692}),
+              -0.5: (0.17508991, 0.17510366, {(0, 2): 0.0565674})}
+    kl_rows = torch.tensor([0.00234134, 0.00018507, 0.01220797], dtype=torch.float64)
+    for a, (l_pol, l_tot, grads) in expect.items():
+        lp = logp.clone().requires_grad_()
+        adv = torch.full((3,), a)
+        kw = dict(level="sequence", clip_low=0.1, clip_high=0.1, kl_coef=0.01, kl_estimator="k3",
+                  response_len=8, block_size=8)
+        if backend == "reference":
+            loss, m = slim_policy_loss_ref(lp, old, mask, adv, w, **kw)
+        else:
+            loss, m = slim_ops.slim_policy_loss(lp, old, mask, adv, w, backend=backend, **kw)
+        loss.backward()
+        assert abs(m["policy_loss"].item() - l_pol) < 5e-8, (m["policy_loss"].item(), l_pol)
+        assert abs(loss.item() - l_tot) < 5e-8, (loss.item(), l_tot)
+        assert abs(m["kl"].item() - float((w.double() * kl_rows).sum() / 3)) < 5e-9
+        for (r, i), g in grads.items():
+            got = lp.grad[r, i].item()
+            assert abs(got - g) <= 5e-4 * abs(g) + 1e-9, f"A={a} dL/dl[{r},{i}] = {got}, SPEC says {g}"
+        # only M receives a gradient
+        assert torch.all(lp.grad[~mask] == 0)
+        assert m["masked_count"].item() == 12
+
+
+def test_spec_ratios_and_kl_rows():
+    logp, old, mask, w = _spec_vector()
+    delta = torch.where(mask, logp - old, 0.0)
+    s = torch.exp(delta.sum(1) / mask.sum(1))
+    assert_close(s, torch.tensor([1.221403, 1.010050, 0.944459]), atol=2e-6, rtol=0)
+    k3 = torch.where(mask, torch.exp(-delta) - 1 + delta, 0.0).sum(1) / 8
+    assert_close(k3, torch.tensor([0.00234134, 0.00018507, 0.01220797]), atol=2e-8, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# independent implementation, every level and estimator
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["sequence", "block", "token"])
+@pytest.mark.parametrize("kl_estimator", ["k3", "k2", "k1"])
+def test_matches_independent(backend, level, kl_estimator):
+    logp, old, mask, adv, w = _random_case(seed=hash((level, kl_estimator)) % 1000)
+    _check_against_independent(backend, logp, old, mask, adv, w, level=level, kl_estimator=kl_estimator,
+                               clip_low=0.1, clip_high=0.15, clip_token=0.2, kl_coef=0.05, response_len=13,
+                               block_size=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["sequence", "block", "token"])
+def test_both_clip_sides_and_large_ratios(backend, level):
+    # larger log-ratios: many units clipped on both sides, for positive and negative advantages
+    logp, old, mask, adv, w = _random_case(B=8, L=20, seed=7, scale=1.5)
+    adv = torch.tensor([1.0, -1.0, 0.7, -0.3, 0.0, 2.0, -2.0, 0.5])
+    _check_against_independent(backend, logp, old, mask, adv, w, level=level, block_size=3)
+    _, m = slim_ops.slim_policy_loss(logp, old, mask, adv, w, level=level, block_size=3, backend=backend)
+    assert 0 < m["clip_frac"].item() < 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_ratio_clamp_boundary_is_inclusive(backend):
+    # |mean δ| exactly 10 keeps the gradient (closed interval); just above 10 cuts it
+    old = torch.zeros(4, 2)
+    logp = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [10.5, 0.0], [-10.5, 0.0]])
+    mask = torch.tensor([[True, False]] * 4)
+    adv = torch.tensor([-1.0, 1.0, -1.0, 1.0])  # clip inactive: A<0 with s>=lo, A>0 with s<=hi
+    lp = logp.clone().requires_grad_()
+    loss, _ = slim_ops.slim_policy_loss(lp, old, mask, adv, kl_coef=0.0, backend=backend)
+    loss.backward()
+    s = torch.exp(torch.tensor([10.0, -10.0]))
+    assert_close(lp.grad[:2, 0], -adv[:2] * s / 4, name="gradient at |λ|=10")
+    assert torch.all(lp.grad[2:] == 0), lp.grad
+    lp64 = logp.double().requires_grad_()
+    exp_loss, _ = independent_loss(lp64, old.double(), mask, adv.double(), torch.ones(4, dtype=torch.float64),
+                                   kl_coef=0.0)
+    assert_close(loss, exp_loss)
+
+
+def test_ratio_clip_boundary_is_inclusive():
+    # s exactly at 1 + ε_hi (A > 0) and 1 − ε_lo (A < 0): the unclipped branch still carries the gradient
+    delta = torch.tensor([0.05, -0.05])
+    s = torch.exp(delta)
+    clip_high, clip_low = float(s[0]) - 1.0, 1.0 - float(s[1])
+    old = torch.zeros(2, 1)
+    lp = delta.reshape(2, 1).clone().requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    loss, m = slim_ops.slim_policy_loss(lp, old, mask, adv, clip_low=clip_low, clip_high=clip_high,
+                                        kl_coef=0.0, backend="torch")
+    loss.backward()
+    assert_close(lp.grad[:, 0], -adv * s / 2, name="gradient at s = clip bound")
+    assert m["clip_frac"].item() == 0
+    lpr = delta.reshape(2, 1).clone().requires_grad_()
+    ref, _ = slim_policy_loss_ref(lpr, old, mask, adv, clip_low=clip_low, clip_high=clip_high, kl_coef=0.0)
+    ref.backward()
+    assert_close(lpr.grad, lp.grad, name="reference gradient at the clip bound")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_empty(backend):
+    logp, old, _, adv, w = _random_case()
+    mask = torch.zeros_like(logp, dtype=torch.bool)
+    lp = logp.clone().requires_grad_()
+    loss, m = slim_ops.slim_policy_loss(lp, old, mask, adv, w, backend=backend)
+    loss.backward()
+    assert loss.item() == 0 and m["masked_count"].item() == 0 and m["clip_frac"].item() == 0
+    assert torch.all(lp.grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_logp_and_long_rows(backend):
+    # bf16 logp: gradient in bf16, loss from the fp32 upcast; rows longer than one tile
+    B, L = 3, 1500
+    g = torch.Generator().manual_seed(5)
+    old = -torch.rand(B, L, generator=g) * 3
+    logp = (old + 0.2 * torch.randn(B, L, generator=g)).bfloat16()
+    mask = torch.rand(B, L, generator=g) < 0.5
+    adv = torch.tensor([0.5, -0.5, 1.0])
+    for level in ("sequence", "block", "token"):
+        lp = logp.clone().requires_grad_()
+        loss, _ = slim_ops.slim_policy_loss(lp, old, mask, adv, level=level, block_size=16, backend=backend)
+        loss.backward()
+        assert lp.grad.dtype == torch.bfloat16
+        lr = logp.float().requires_grad_()
+        ref, _ = slim_policy_loss_ref(lr, old, mask, adv, level=level, block_size=16)
+        ref.backward()
+        assert_close(loss, ref, name=f"{level} loss")
+        assert_close(lp.grad.float(), lr.grad.bfloat16().float(), dtype=torch.bfloat16, name=f"{level} grad")
+
+
+def test_gradients_flow_to_logp_only():
+    logp, old, mask, adv, w = _random_case()
+    lp = logp.clone().requires_grad_()
+    old_ = old.clone().requires_grad_()
+    adv_ = adv.clone().requires_grad_()
+    w_ = w.clone().requires_grad_()
+    loss, m = slim_ops.slim_policy_loss(lp, old_, mask, adv_, w_)
+    loss.backward()
+    assert lp.grad is not None
+    assert old_.grad is None and adv_.grad is None and w_.grad is None
+    assert all(not v.requires_grad for v in m.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    logp, old, mask, adv, w = _random_case(B=5, L=7)
+    for level in ("sequence", "block", "token"):
+        args = (logp.clone().requires_grad_(), old, mask, adv, w, level, 0.1, 0.2, 0.2, 0.01, "k3", 7, 3,
+                backend)
+        torch.library.opcheck(torch.ops.slim_ops.slim_policy_loss.default, args)
+
+
+def test_torch_compile_fullgraph():
+    logp, old, mask, adv, w = _random_case()
+
+    def step(lp):
+        loss, m = slim_ops.slim_policy_loss(lp, old, mask, adv, w, level="block", block_size=4,
+                                            backend="torch")
+        return loss, m["clip_frac"]
+
+    compiled = torch.compile(step, fullgraph=True)
+    lp1 = logp.clone().requires_grad_()
+    lp2 = logp.clone().requires_grad_()
+    l1, c1 = step(lp1)
+    l2, c2 = compiled(lp2)
+    l1.backward()
+    l2.backward()
+    assert_close(l2, l1)
+    assert_close(c2, c1)
+    assert_close(lp2.grad, lp1.grad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(level="tokens"), "level must be one of"),
+    (dict(kl_estimator="k4"), "kl_estimator must be one of"),
+    (dict(level="block"), "needs block_size"),
+    (dict(clip_low=1.5), "clip_low and clip_token must be < 1"),
+    (dict(clip_high=-0.1), "clip_high must be a float >= 0"),
+    (dict(kl_coef=-1.0), "kl_coef must be a float >= 0"),
+    (dict(response_len=0), "response_len must be a positive int"),
+])
+def test_rejects_bad_arguments(bad, match):
+    logp, old, mask, adv, w = _random_case()
+    with pytest.raises(ValueError, match=match):
+        slim_ops.slim_policy_loss(logp, old, mask, adv, w, **bad)
+
+
+def test_rejects_bad_tensors():
+    logp, old, mask, adv, w = _random_case()
+    with pytest.raises(ValueError, match="logp_old must have the shape of logp"):
+        slim_ops.slim_policy_loss(logp, old[:, :3], mask, adv, w)
+    with pytest.raises(ValueError, match="loss_mask must be a bool tensor"):
+        slim_ops.slim_policy_loss(logp, old, mask.float(), adv, w)
+    with pytest.raises(ValueError, match=r"advantages must be a floating tensor of shape \[B\]"):
+        slim_ops.slim_policy_loss(logp, old, mask, adv[:2], w)
+    with pytest.raises(ValueError, match=r"logp must be a floating tensor of shape \[B, L\]"):
+        slim_ops.slim_policy_loss(logp[0], old, mask, adv, w)
+    with pytest.raises(RuntimeError, match="backend 'cuda' unavailable"):
+        slim_ops.slim_policy_loss(logp, old, mask, adv, w, backend="cuda")
