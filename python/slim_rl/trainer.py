@@ -1,0 +1,545 @@
+"""The SLIM-RL training loop (SPEC §6) for block-diffusion models.
+
+One RL step:
+
+1. **Rollout** — ``Q`` prompts × ``G`` samples decoded by :func:`slim_rl.generate` with the τ-budget
+   rule (split across ranks, then gathered so every rank holds the whole batch in a canonical order).
+2. **Reward and advantage** — the task's verifiable reward (0 for responses without EOS / truncated),
+   ``dr_grpo`` or ``zscore`` advantages per prompt group, groups filtered by accuracy (§4.1).
+3. **Rows** — ``slim``: :func:`slim_ops.build_slim_rows` (n_q quadrature levels, per-block mask
+   schedule, §4.2); ``tracerl``: :func:`slim_ops.build_trace_rows` (trajectory slicing, §5).
+4. **logp_old** — log-probs of every row's loss positions under θ at the start of the step (no grad).
+5. **Update** — E epochs over shuffled minibatches with gradient accumulation over micro-batches:
+   :func:`slim_ops.slim_loss_from_hidden` (masked log-probs without a [n, V] tensor, clipped ratio,
+   k3 KL to θ_old), gradient clipping, AdamW whose state persists across steps, LR schedule.
+6. **Checkpoint** (atomic, :mod:`slim_rl.checkpoint`) and 7. periodic greedy **evaluation**.
+
+Training sequences are ``[prompt ‖ clean response ‖ noisy response]`` with the block-diffusion mask of
+SPEC §3.3 (:meth:`slim_ops.BlockLayout.train`), response blocks aligned to the prompt end, exactly the
+blocks the rollout decoded. Every random choice of step ``s`` (prompts, sampling, rows, shuffling)
+comes from generators seeded by ``(seed, s)``, so a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import torch
+
+import slim_ops
+from slim_ops.layout import BlockLayout
+from slim_rl import distributed as D
+from slim_rl.advantages import compute_advantages
+from slim_rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from slim_rl.config import Config, save_config, to_dict
+from slim_rl.tasks import Example, make_task, pad_left
+
+__all__ = ["RolloutBatch", "Trainer", "build_model", "noisy_stream_hidden", "seeded"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def seeded(*keys: int | str) -> torch.Generator:
+    """A CPU generator seeded by a stable hash of ``keys`` (e.g. ``(seed, step, "rows")``)."""
+    h = 1469598103934665603
+    for k in keys:
+        for ch in str(k).encode() + b"|":
+            h = ((h ^ ch) * 1099511628211) % (1 << 63)
+    return torch.Generator().manual_seed(h)
+
+
+def build_model(cfg: Config, device: str = "cpu") -> torch.nn.Module:
+    """A tiny random model (``model.path`` empty) or a local checkpoint, on ``device``."""
+    from slim_rl import models
+
+    mc = cfg.model
+    dtype = _DTYPES[mc.dtype]
+    if mc.path:
+        model = models.load(mc.path, mc.family, dtype=dtype)
+    else:
+        model = models.tiny(mc.family, vocab_size=mc.vocab_size, seed=mc.seed, hidden_size=mc.hidden_size,
+                            num_layers=mc.num_layers, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                            intermediate_size=mc.intermediate_size or None, dtype=dtype)
+    return model.to(device)
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    base = getattr(model, "model", None)
+    if base is None:
+        raise TypeError("expected a *ForCausalLM model with a .model decoder")
+    return base
+
+
+def noisy_stream_hidden(model: torch.nn.Module, prompt: torch.Tensor, prompt_pad: torch.Tensor,
+                        clean: torch.Tensor, noisy: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Final hidden states scoring the noisy stream of ``[P ‖ C ‖ X]`` (SPEC §3.3).
+
+    Args:
+        prompt: [R, L0] left-padded prompt ids; prompt_pad: [R, L0] bool (True at pads).
+        clean: [R, L1] clean response ids; noisy: [R, L1] the same with the noise set = mask id.
+        block_size: K (response blocks start at the prompt end).
+    Returns:
+        [R, L1, d]: row i scores noisy position i (the model's logit ``shift`` already applied).
+    """
+    R, L0 = prompt.shape
+    L1 = clean.shape[1]
+    layout = BlockLayout.train(L0, L1, block_size, prompt_pad=prompt_pad)
+    allowed = layout.dense_mask(device=prompt.device)
+    dtype = next(model.parameters()).dtype
+    attn = torch.zeros(allowed.shape, dtype=dtype, device=prompt.device)
+    attn.masked_fill_(~allowed, torch.finfo(dtype).min)
+    attn = attn[:, None].expand(R, 1, -1, -1)
+    pos = layout.position_ids(device=prompt.device).expand(R, -1)
+    ids = torch.cat([prompt, clean, noisy], dim=1)
+    out = _decoder(model)(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    h = out.last_hidden_state
+    shift = int(getattr(model, "shift", 0))
+    return h[:, L0 + L1 - shift:L0 + 2 * L1 - shift]
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """A batch of responses (CPU tensors, one entry per response, canonical order by (group, sample)).
+
+    prompts: prompt ids per response · group_ids [N] · response_ids [N, L1] (pad after the response)
+    · response_len [N] (EOS included) · step_map [N, L1] (−1 past the response) · rewards [N]
+    · stats: rollout metrics (EWC, commits, …) summed over ranks.
+    """
+
+    prompts: list[list[int]]
+    group_ids: torch.Tensor
+    response_ids: torch.Tensor
+    response_len: torch.Tensor
+    step_map: torch.Tensor
+    rewards: torch.Tensor
+    stats: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def concat(parts: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+        L1 = max(p.response_ids.shape[1] for p in parts)
+
+        def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, L1 - t.shape[1]), value=fill)
+
+        prompts = [pr for p in parts for pr in p.prompts]
+        out = RolloutBatch(prompts, torch.cat([p.group_ids for p in parts]),
+                           torch.cat([widen(p.response_ids, pad_id) for p in parts]),
+                           torch.cat([p.response_len for p in parts]),
+                           torch.cat([widen(p.step_map, -1) for p in parts]),
+                           torch.cat([p.rewards for p in parts]))
+        keys = {k for p in parts for k in p.stats}
+        out.stats = {k: sum(p.stats.get(k, 0.0) for p in parts) for k in keys}
+        order = sorted(range(len(prompts)), key=lambda i: (int(out.group_ids[i]), i))
+        return out.select(torch.tensor(order, dtype=torch.int64))
+
+    def select(self, idx: torch.Tensor) -> RolloutBatch:
+        il = idx.tolist()
+        return RolloutBatch([self.prompts[i] for i in il], self.group_ids[idx], self.response_ids[idx],
+                            self.response_len[idx], self.step_map[idx], self.rewards[idx], dict(self.stats))
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def _lr_factor(cfg: Config, update: int, total: int) -> float:
+    oc = cfg.optim
+    warm = min(1.0, (update + 1) / oc.warmup_steps) if oc.warmup_steps > 0 else 1.0
+    if oc.schedule == "cosine" and total > 0:
+        return warm * 0.5 * (1.0 + math.cos(math.pi * min(update, total) / total))
+    return warm
+
+
+class Trainer:
+    """Runs SFT (optional), RL steps, evaluation, checkpoints and metrics for one :class:`Config`."""
+
+    def __init__(self, cfg: Config, *, model: torch.nn.Module | None = None, task=None,
+                 info: D.DistInfo | None = None, device: str | None = None):
+        self.cfg = cfg.validate()
+        self.info = info or D.init(cfg.dist.backend, device)
+        self.device = self.info.device if device is None else device
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.task = task if task is not None else make_task(cfg.task)
+        self.model = model if model is not None else build_model(cfg, self.device)
+        self.model.to(self.device)
+        D.broadcast_parameters(self.model, self.info)
+        self.fsdp = cfg.dist.strategy == "fsdp" and self.info.active
+        if self.fsdp:
+            D.wrap_fsdp(self.model)
+        oc = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
+                                           eps=oc.eps, weight_decay=oc.weight_decay)
+        self.step = 0            # RL steps done
+        self.updates = 0         # optimizer steps done
+        self.counters = {"train_rows": 0, "rollouts": 0, "train_tokens": 0}
+        self.out_dir = cfg.train.out_dir
+        self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
+        self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
+        self._tb = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def mask_id(self) -> int:
+        return int(self.model.mask_id)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.model.pad_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.model.eos_id)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if not self.info.is_main:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.cfg.train.tensorboard:
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(os.path.join(self.out_dir, "tb"))
+                except Exception:  # noqa: BLE001 - tensorboard is optional
+                    self._tb = False
+            if self._tb:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        self._tb.add_scalar(k, v, record.get("step", 0))
+
+    # ------------------------------------------------------------------ generation / evaluation
+    def _generate(self, prompts: list[list[int]], *, temperature: float, generator: torch.Generator | None):
+        from slim_rl.generate import generate
+
+        rc = self.cfg.rollout
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            out = generate(self.model, prompts, block_size=rc.block_size, max_new_tokens=rc.max_new_tokens,
+                           steps_per_block=rc.steps_per_block or None, strategy=rc.strategy, tau=rc.tau,
+                           m=rc.m, temperature=temperature, top_k=rc.top_k, top_p=rc.top_p,
+                           generator=generator, batch_size=rc.batch_size or None)
+        self.model.train(was_training)
+        return out
+
+    def evaluate(self, examples: list[Example] | None = None) -> dict[str, float]:
+        """Greedy accuracy on the task's held-out prompts (split over ranks, gathered)."""
+        exs = examples if examples is not None else self.task.eval_set()
+        if self.cfg.eval.num_prompts:
+            exs = exs[:self.cfg.eval.num_prompts]
+        mine = list(range(self.info.rank, len(exs), self.info.world))
+        rewards: list[float] = []
+        if mine:
+            out = self._generate([exs[i].prompt for i in mine], temperature=0.0, generator=None)
+            rewards = self._rewards(out, [exs[i] for i in mine])
+        gathered = D.all_gather_objects(rewards, self.info)
+        flat = [r for part in gathered for r in part]
+        return {"accuracy": sum(flat) / max(len(flat), 1), "num_prompts": len(flat)}
+
+    def _rewards(self, out, examples: list[Example]) -> list[float]:
+        rc = self.cfg.rollout
+        rewards = self.task.reward(out.sequences, examples)
+        for i, seq in enumerate(out.sequences):
+            truncated = not bool(out.finished[i])
+            if rc.truncation_margin >= 0:
+                truncated = truncated or len(seq) >= rc.max_new_tokens - rc.truncation_margin
+            if truncated:
+                rewards[i] = 0.0
+        return rewards
+
+    # ------------------------------------------------------------------ rollout
+    def rollout(self, step: int) -> RolloutBatch:
+        """Sample this step's prompts (same on every rank), decode this rank's share, gather."""
+        rc = self.cfg.rollout
+        rng = random.Random(int(seeded(self.cfg.train.seed, step, "prompts").initial_seed()))
+        examples = self.task.sample(rc.prompts_per_step, rng)
+        mine = [q for q in range(len(examples)) if q % self.info.world == self.info.rank]
+        local: RolloutBatch
+        if mine:
+            flat = [(q, g) for q in mine for g in range(rc.group_size)]
+            gen = seeded(self.cfg.train.seed, step, "rollout", self.info.rank)
+            out = self._generate([examples[q].prompt for q, _ in flat], temperature=rc.temperature,
+                                 generator=gen)
+            rewards = self._rewards(out, [examples[q] for q, _ in flat])
+            lens = torch.tensor([len(s) for s in out.sequences], dtype=torch.int64)
+            L1 = out.tokens.shape[1]
+            pos = torch.arange(L1)[None, :]
+            valid = pos < lens[:, None]
+            resp = torch.where(valid, out.tokens, torch.full_like(out.tokens, self.pad_id))
+            smap = torch.where(valid, out.full_step_map.to(torch.int64), torch.full_like(resp, -1))
+            m = out.metrics()
+            valid_steps = torch.arange(out.commits.shape[1])[None, :] < out.nfe[:, None]
+            stats = {"ewc_sum": float(out.ewc[valid_steps].double().sum()),
+                     "row_steps": float(valid_steps.sum()),
+                     "commits_sum": float(out.commits[valid_steps].double().sum()),
+                     "nfe": float(m["nfe_total"]), "model_calls": float(m["model_calls"]),
+                     "finished": float(out.finished.float().sum())}
+            local = RolloutBatch([examples[q].prompt for q, _ in flat],
+                                 torch.tensor([q for q, _ in flat], dtype=torch.int64), resp, lens, smap,
+                                 torch.tensor(rewards, dtype=torch.float32), stats)
+        else:
+            local = RolloutBatch([], torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, dtype=torch.int64),
+                                 torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, dtype=torch.int64),
+                                 torch.zeros(0), {})
+        parts = D.all_gather_objects(local, self.info)
+        return RolloutBatch.concat(parts, self.pad_id)
+
+    # ------------------------------------------------------------------ rows
+    def build_rows(self, batch: RolloutBatch, step: int) -> dict[str, torch.Tensor]:
+        """Advantages + training rows for a global batch (identical on every rank)."""
+        ac, oc, K = self.cfg.advantage, self.cfg.objective, self.cfg.rollout.block_size
+        adv = compute_advantages(batch.rewards, batch.group_ids, kind=ac.kind, filter_groups=ac.filter_groups,
+                                 low=ac.filter_low, high=ac.filter_high)
+        kept = adv.keep.nonzero().squeeze(1)
+        info = {"num_groups": adv.num_groups, "kept_groups": adv.num_kept_groups,
+                "kept_responses": int(kept.numel())}
+        if kept.numel() == 0:
+            return {"rows": 0, **info}
+        # trim the canvas to the longest kept response, rounded up to whole blocks
+        L1 = int(batch.response_len[kept].max())
+        L1 = max(K, -(-L1 // K) * K)
+        resp = batch.response_ids[kept][:, :L1]
+        if resp.shape[1] < L1:
+            resp = torch.nn.functional.pad(resp, (0, L1 - resp.shape[1]), value=self.pad_id)
+        lens = batch.response_len[kept]
+        if oc.name == "slim":
+            r = slim_ops.build_slim_rows(resp, lens, block_size=K, mask_id=self.mask_id, pad_id=self.pad_id,
+                                         num_nodes=oc.num_nodes, spread=oc.spread, shape=oc.shape,
+                                         decreasing=oc.decreasing, schedule_blocks=oc.schedule_blocks,
+                                         generator=seeded(self.cfg.train.seed, step, "rows"))
+        else:
+            smap = batch.step_map[kept][:, :L1]
+            if smap.shape[1] < L1:
+                smap = torch.nn.functional.pad(smap, (0, L1 - smap.shape[1]), value=-1)
+            r = slim_ops.build_trace_rows(resp, smap, block_size=K, shrink=oc.shrink, mask_id=self.mask_id,
+                                          pad_id=self.pad_id, response_len=lens)
+        ridx = r.response_index
+        prompt, ppad = pad_left([batch.prompts[int(kept[i])] for i in ridx.tolist()], self.pad_id)
+        return {"rows": int(ridx.numel()), "prompt": prompt, "prompt_pad": ppad, "clean": resp[ridx],
+                "noisy": r.noisy_ids, "loss_mask": r.loss_mask, "weights": r.weights.float(),
+                "advantages": adv.advantages[kept][ridx], "L1": L1, **info,
+                "mean_abs_adv": float(adv.advantages[kept].abs().mean()),
+                "mask_ratio": float(r.loss_mask.float().sum(1).div(lens[ridx].float()).mean())}
+
+    # ------------------------------------------------------------------ log-probs and loss
+    def _micro(self, rows: dict[str, torch.Tensor], idx: torch.Tensor):
+        dev = self.device
+        take = lambda k: rows[k][idx].to(dev)
+        h = noisy_stream_hidden(self.model, take("prompt"), take("prompt_pad"), take("clean"), take("noisy"),
+                                self.cfg.rollout.block_size)
+        mask = take("loss_mask")
+        return h[mask], take("clean")[mask], mask
+
+    def _head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    @torch.no_grad()
+    def _logp_old(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[rows, L1] fp32 log-probs under the current θ (0 off the loss mask); rows split over ranks."""
+        n, L1 = rows["rows"], rows["L1"]
+        out = torch.zeros(n, L1)
+        mine = torch.arange(self.info.rank, n, self.info.world)
+        mb = self.cfg.optim.micro_batch_rows
+        for s in range(0, mine.numel(), mb):
+            idx = mine[s:s + mb]
+            hs, labels, mask = self._micro(rows, idx)
+            if self.fsdp:
+                logits = self.model.get_output_embeddings()(hs)
+                lp = slim_ops.logprob_from_logits(logits.float(), labels)
+            else:
+                lp = slim_ops.masked_logprob(hs, self._head_weight(), labels)
+            dense = torch.zeros(idx.numel(), L1, device=lp.device).masked_scatter(mask, lp.float())
+            out[idx] = dense.cpu()
+        if self.info.active:
+            parts = D.all_gather_objects((mine, out[mine]), self.info)
+            for m_idx, vals in parts:
+                out[m_idx] = vals
+        return out
+
+    def _loss(self, rows, idx, logp_old, scale: float):
+        oc = self.cfg.objective
+        hs, labels, mask = self._micro(rows, idx)
+        adv = rows["advantages"][idx].to(self.device)
+        w = rows["weights"][idx].to(self.device)
+        old = logp_old[idx].to(self.device)
+        if oc.name == "slim":
+            kw = dict(level=oc.level, clip_low=oc.clip_low, clip_high=oc.clip_high, clip_token=oc.clip_token)
+        else:
+            kw = dict(level="token", clip_token=oc.clip_token)
+            w = torch.ones_like(w)
+        kw.update(kl_coef=oc.kl_coef, kl_estimator=oc.kl_estimator, response_len=rows["L1"],
+                  block_size=self.cfg.rollout.block_size)
+        if self.fsdp:
+            logits = self.model.get_output_embeddings()(hs).float()
+            lp, ent = slim_ops.logprob_from_logits(logits, labels, return_entropy=True)
+            dense = torch.zeros(mask.shape, device=lp.device).masked_scatter(mask, lp)
+            loss, metrics = slim_ops.slim_policy_loss(dense, old, mask, adv, w, **kw)
+            metrics["entropy"] = ent.detach().mean()
+        else:
+            loss, metrics, _ = slim_ops.slim_loss_from_hidden(hs, self._head_weight(), labels, old, mask,
+                                                              adv, w, **kw)
+        (loss * scale).backward()
+        return loss.detach(), metrics, int(mask.sum())
+
+    def update(self, batch: RolloutBatch, step: int) -> dict[str, Any]:
+        """Steps 2-5 of an RL step on a global batch (the same on every rank); returns metrics."""
+        oc = self.cfg.optim
+        rows = self.build_rows(batch, step)
+        rec: dict[str, Any] = {k: rows[k] for k in ("num_groups", "kept_groups", "kept_responses", "rows")}
+        if rows["rows"] == 0:
+            return rec
+        n = rows["rows"]
+        logp_old = self._logp_old(rows)
+        W, rank = self.info.world, self.info.rank
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        sums: dict[str, float] = {}
+        count = 0
+        total_updates = self.cfg.train.steps * oc.epochs * oc.minibatches
+        self.model.train()
+        for epoch in range(oc.epochs):
+            perm = torch.randperm(n, generator=seeded(self.cfg.train.seed, step, "shuffle", epoch))
+            for mb in torch.tensor_split(perm, oc.minibatches):
+                if mb.numel() == 0:
+                    continue
+                B_mb = mb.numel()
+                mine = mb[rank::W]
+                self.optimizer.zero_grad(set_to_none=False)
+                for s in range(0, mine.numel(), oc.micro_batch_rows):
+                    idx = mine[s:s + oc.micro_batch_rows]
+                    scale = idx.numel() / B_mb * (W if self.fsdp else 1)
+                    loss, metrics, ntok = self._loss(rows, idx, logp_old, scale)
+                    part = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+                    for k, v in part.items():
+                        sums[k] = sums.get(k, 0.0) + v * idx.numel()
+                    count += idx.numel()
+                    self.counters["train_tokens"] += ntok * W
+                if not self.fsdp:
+                    D.all_reduce_gradients(params, self.info)
+                gn = torch.nn.utils.clip_grad_norm_(params, oc.grad_clip) if oc.grad_clip > 0 else None
+                lr = oc.lr * _lr_factor(self.cfg, self.updates, total_updates)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                self.optimizer.step()
+                self.updates += 1
+                if gn is not None:
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn) * B_mb
+        tot = D.all_gather_objects((sums, count), self.info)
+        count_all = sum(c for _, c in tot)
+        keys = {k for s, _ in tot for k in s}
+        for k in sorted(keys):
+            if k == "grad_norm":
+                rec[k] = tot[0][0].get(k, 0.0) / (n * oc.epochs)
+            else:
+                rec[k] = sum(s.get(k, 0.0) for s, _ in tot) / max(count_all, 1)
+        rec["lr"] = oc.lr * _lr_factor(self.cfg, max(self.updates - 1, 0), total_updates)
+        rec["mask_ratio"] = rows["mask_ratio"]
+        rec["mean_abs_advantage"] = rows["mean_abs_adv"]
+        self.counters["train_rows"] += n * oc.epochs
+        return rec
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str | None:
+        if not self.info.is_main:
+            D.barrier(self.info)
+            return None
+        extra = {"updates": self.updates, "counters": dict(self.counters), "config": to_dict(self.cfg)}
+        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, extra=extra,
+                               keep=self.cfg.train.keep_checkpoints)
+        D.barrier(self.info)
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint under ``out_dir`` (if any) and trim the metrics log."""
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return False
+        st = load_checkpoint(path, self.model, self.optimizer)
+        self.step = st["step"]
+        self.updates = st["extra"].get("updates", 0)
+        self.counters.update(st["extra"].get("counters", {}))
+        if self.info.is_main and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                lines = [json.loads(line) for line in f if line.strip()]
+            keep = [r for r in lines if r.get("step", 0) <= self.step]
+            with open(self.metrics_path, "w") as f:
+                for r in keep:
+                    f.write(json.dumps(r) + "\n")
+            self.history = keep
+        D.barrier(self.info)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def rl_step(self) -> dict[str, Any]:
+        t0 = time.time()
+        step = self.step + 1
+        batch = self.rollout(step)
+        t_roll = time.time() - t0
+        rec = {"step": step, **self.update(batch, step)}
+        st = batch.stats
+        rec.update({
+            "reward": float(batch.rewards.mean()) if len(batch) else 0.0,
+            "response_len": float(batch.response_len.float().mean()) if len(batch) else 0.0,
+            "ewc_per_step": st.get("ewc_sum", 0.0) / max(st.get("row_steps", 0.0), 1.0),
+            "commits_per_step": st.get("commits_sum", 0.0) / max(st.get("row_steps", 0.0), 1.0),
+            "tokens_per_forward": st.get("commits_sum", 0.0) / max(st.get("nfe", 0.0), 1.0),
+            "finished_fraction": st.get("finished", 0.0) / max(len(batch), 1),
+        })
+        self.counters["rollouts"] += len(batch)
+        rec.update({k: v for k, v in self.counters.items()})
+        rec["rollout_s"] = t_roll
+        rec["step_s"] = time.time() - t0
+        self.step = step
+        return rec
+
+    def train(self, *, resume: bool = False, progress: bool | None = None,
+              on_step=None) -> list[dict[str, Any]]:
+        """Run RL steps until ``train.steps`` (or ``train.time_limit_s``); returns the metric records."""
+        tc = self.cfg.train
+        if self.info.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+        if resume:
+            self.resume()
+        elif self.info.is_main and os.path.exists(self.metrics_path) and self.step == 0:
+            os.remove(self.metrics_path)
+        show = tc.progress if progress is None else progress
+        bar = None
+        if show and self.info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.steps, initial=self.step, desc=f"RL ({self.cfg.objective.name})",
+                       dynamic_ncols=True)
+        t_start = time.time()
+        while self.step < tc.steps:
+            rec = self.rl_step()
+            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+                rec["eval_accuracy"] = self.evaluate()["accuracy"]
+            self._log(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{rec['reward']:.2f}", loss=f"{rec.get('loss', 0.0):+.3f}",
+                                **({"eval": f"{rec['eval_accuracy']:.2f}"} if "eval_accuracy" in rec else {}))
+            if on_step is not None:
+                on_step(rec)
+            if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                self.save()
+            if tc.stop_after and self.step >= tc.stop_after:
+                os.kill(os.getpid(), signal.SIGKILL)  # testing: an abrupt kill, no cleanup
+            if tc.time_limit_s and time.time() - t_start > tc.time_limit_s:
+                break
+        if bar is not None:
+            bar.close()
+        if self._tb:
+            self._tb.flush()
+        return self.history
