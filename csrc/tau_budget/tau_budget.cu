@@ -367,6 +367,9 @@ __device__ __forceinline__ SlotState shfl_xor(const SlotState& a, int lane_mask)
   return b;
 }
 
+}  // namespace
+
+// Kernels live in slim_ops itself so that their names stay readable in ptxas / profiler reports.
 // grid: R*K*splits blocks, one per (slot, split); block: kSlotThreads.
 template <typename T, int MODE>
 __global__ void __launch_bounds__(kSlotThreads)
@@ -476,6 +479,8 @@ __global__ void __launch_bounds__(kRowThreads)
                                num_committed + i_r, risk + i_r);
   if (j < K) commit[o] = take;
 }
+
+namespace {
 
 template <typename T, int MODE>
 void launch_slots(const void* logits, int64_t R, int64_t K, int64_t V, int64_t stride_r, int64_t stride_k,
