@@ -173,6 +173,9 @@ def _dot_f32(dtype: torch.dtype) -> bool:
 def masked_logprob_fwd_triton(hidden, weight, labels, temperature: float, with_entropy: bool):
     N, D = hidden.shape
     V = weight.shape[0]
+    if N == 0:
+        e = torch.empty(0, device=hidden.device)
+        return e, e.clone(), e.clone()
     BN, BV, BD, nw, ns = _tiles(hidden.dtype)
     n_rb = triton.cdiv(N, BN)
     n_vt = triton.cdiv(V, BV)
@@ -180,11 +183,10 @@ def masked_logprob_fwd_triton(hidden, weight, labels, temperature: float, with_e
     v_split = triton.cdiv(n_vt, splits) * BV
     splits = triton.cdiv(V, v_split)  # every split holds at least one column
     part = torch.empty((4, splits, N), dtype=torch.float32, device=hidden.device)
-    if N > 0:
-        _masked_logprob_fwd_kernel[(n_rb, splits)](hidden, weight, labels, part, N, V, D, v_split,
-                                                   INV_T=1.0 / temperature, BN=BN, BV=BV, BD=BD,
-                                                   ENTROPY=with_entropy, DOT_F32=_dot_f32(hidden.dtype),
-                                                   num_warps=nw, num_stages=ns)
+    _masked_logprob_fwd_kernel[(n_rb, splits)](hidden, weight, labels, part, N, V, D, v_split,
+                                               INV_T=1.0 / temperature, BN=BN, BV=BV, BD=BD,
+                                               ENTROPY=with_entropy, DOT_F32=_dot_f32(hidden.dtype),
+                                               num_warps=nw, num_stages=ns)
     pm, ps, pt, pzy = part.unbind(0)
     m = pm.max(0).values
     scale = torch.exp(pm - m)

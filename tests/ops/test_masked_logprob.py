@@ -1,0 +1,235 @@
+"""masked_logprob / logprob_from_logits / slim_loss_from_hidden (SPEC §4.3): values, entropy and
+gradients (random upstream gradients) against fp64 autograd through full logits; low precision by the
+three-way rule; odd V, N = 1, V not a multiple of any tile; Triton through the interpreter on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slim_ops
+import slim_ops.ops.masked_logprob.op as mlp_op
+from slim_ops.ops.masked_logprob.reference import logprob_from_logits_ref, masked_logprob_ref
+from slim_ops.ops.policy_loss.reference import slim_policy_loss_ref
+from slim_ops.testing import assert_close, assert_three_way
+
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture
+def small_torch_tiles(monkeypatch):
+    """Force the torch backend through several row and vocabulary chunks on small shapes."""
+    monkeypatch.setattr(mlp_op, "TORCH_TILE_ELEMS", 1 << 11)
+    monkeypatch.setattr(mlp_op, "TORCH_MAX_ROWS", 5)
+
+
+def _inputs(N, d, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(N, d, generator=g) * 0.5).to(dtype)
+    w = (torch.randn(V, d, generator=g) * 0.5).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    up = torch.randn(N, generator=g)
+    return h, w, y, up
+
+
+def _fp64_reference(h, w, y, up, temperature):
+    h64 = h.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    logp, ent = masked_logprob_ref(h64, w64, y, temperature)
+    (logp * up.double()).sum().backward()
+    return logp.detach(), ent, h64.grad, w64.grad
+
+
+def _run(backend, h, w, y, up, temperature):
+    h = h.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    logp, ent = slim_ops.masked_logprob(h, w, y, temperature=temperature, return_entropy=True,
+                                        backend=backend)
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32 and not ent.requires_grad
+    (logp * up).sum().backward()
+    return logp.detach(), ent, h.grad, w.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N, d, V, temperature", [(37, 40, 1151, 1.0), (1, 24, 1151, 0.7), (5, 16, 200, 1.3)])
+def test_masked_logprob_fp32(backend, N, d, V, temperature, small_torch_tiles):
+    h, w, y, up = _inputs(N, d, V, torch.float32)
+    got = _run(backend, h, w, y, up, temperature)
+    exp = _fp64_reference(h, w, y, up, temperature)
+    for name, a, e in zip(("logp", "entropy", "dhidden", "dweight"), got, exp):
+        assert_close(a, e, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_logprob_low_precision_three_way(backend, dtype, small_torch_tiles):
+    N, d, V, T = 21, 32, 1151, 1.0
+    h, w, y, up = _inputs(N, d, V, dtype, seed=1)
+    got = _run(backend, h, w, y, up, T)
+    ref = _fp64_reference(h, w, y, up, T)  # the low-precision inputs, upcast: the fp32 (here fp64) reference
+    # the same PyTorch code run in the low precision
+    hl = h.clone().requires_grad_()
+    wl = w.clone().requires_grad_()
+    z = (hl @ wl.t()) / T
+    lse = torch.logsumexp(z, -1)
+    lp_low = z.gather(1, y[:, None])[:, 0] - lse
+    ent_low = lse - (torch.softmax(z, -1) * z).sum(-1)
+    (lp_low * up.to(dtype)).sum().backward()
+    low = (lp_low.detach(), ent_low.detach(), hl.grad, wl.grad)
+    for name, a, e, lo in zip(("logp", "entropy", "dhidden", "dweight"), got, ref, low):
+        assert_three_way(a, e, lo, name=f"{backend} {dtype} {name}")
+    assert got[2].dtype == dtype and got[3].dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_logprob_no_entropy_and_empty(backend):
+    h, w, y, _ = _inputs(3, 16, 70, torch.float32)
+    out = slim_ops.masked_logprob(h, w, y, backend=backend)
+    assert isinstance(out, torch.Tensor) and out.shape == (3,)
+    assert_close(out, masked_logprob_ref(h, w, y)[0])
+    empty = slim_ops.masked_logprob(h[:0], w, y[:0], backend=backend)
+    assert empty.shape == (0,)
+
+
+def test_masked_logprob_opcheck(small_torch_tiles):
+    h, w, y, _ = _inputs(4, 8, 50, torch.float32)
+    torch.library.opcheck(torch.ops.slim_ops.masked_logprob.default,
+                          (h.requires_grad_(), w.requires_grad_(), y, 1.0, True, "torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprob_from_logits(backend, dtype):
+    N, V, T = 9, 1151, 0.8
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(N, V, generator=g) * 3).to(dtype)
+    y = torch.randint(0, V, (N,), generator=g)
+    up = torch.randn(N, generator=g)
+    lg = logits.clone().requires_grad_()
+    lp, ent = slim_ops.logprob_from_logits(lg, y, temperature=T, return_entropy=True, backend=backend)
+    (lp * up).sum().backward()
+    l64 = logits.double().requires_grad_()
+    lr, er = logprob_from_logits_ref(l64, y, T)
+    (lr * up.double()).sum().backward()
+    assert_close(lp, lr, name="logp")  # fp32 math from the given logits: fp32 tolerance in any dtype
+    assert_close(ent, er, name="entropy")
+    if dtype == torch.float32:
+        assert_close(lg.grad, l64.grad, name="dlogits")
+    else:
+        ll = logits.clone().requires_grad_()
+        lp_low = torch.log_softmax(ll / T, -1).gather(1, y[:, None])[:, 0]
+        (lp_low * up.to(dtype)).sum().backward()
+        assert_three_way(lg.grad, l64.grad, ll.grad, name="dlogits")
+        assert lg.grad.dtype == dtype
+
+
+def test_backends_agree_on_rows_with_extreme_logits():
+    # a row with one dominant logit (p ≈ 1) and a row of equal logits (maximal entropy)
+    V = 300
+    logits = torch.zeros(2, V)
+    logits[0, 7] = 60.0
+    y = torch.tensor([7, 3])
+    for backend in BACKENDS:
+        lp, ent = slim_ops.logprob_from_logits(logits, y, return_entropy=True, backend=backend)
+        assert_close(lp, torch.tensor([0.0, -torch.log(torch.tensor(float(V))).item()]), name=backend)
+        assert_close(ent, torch.tensor([0.0, torch.log(torch.tensor(float(V))).item()]), name=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slim_loss_from_hidden_matches_reference_chain(backend):
+    B, L, d, V = 3, 6, 16, 97
+    g = torch.Generator().manual_seed(4)
+    mask = torch.rand(B, L, generator=g) < 0.5
+    mask[0, 0] = True
+    n = int(mask.sum())
+    h, w, y, _ = _inputs(n, d, V, torch.float32, seed=5)
+    old_packed = masked_logprob_ref(h, w, y)[0].detach() + 0.1 * torch.randn(n, generator=g)
+    adv = torch.tensor([0.5, -0.4, 1.0])
+    wts = torch.tensor([5 / 18, 8 / 18, 5 / 18])
+    kw = dict(level="block", block_size=2, kl_coef=0.05)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss, metrics, logp = slim_ops.slim_loss_from_hidden(hh, ww, y, old_packed, mask, adv, wts,
+                                                          backend=backend, **kw)
+    loss.backward()
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    lr, er = masked_logprob_ref(hr, wr, y)
+    dense = torch.zeros(B, L).masked_scatter(mask, lr)
+    old_dense = torch.zeros(B, L).masked_scatter(mask, old_packed)
+    ref, ref_m = slim_policy_loss_ref(dense, old_dense, mask, adv, wts, **kw)
+    ref.backward()
+    assert_close(loss, ref, name="loss")
+    assert_close(hh.grad, hr.grad, name="dhidden")
+    assert_close(ww.grad, wr.grad, name="dweight")
+    assert_close(logp, lr, name="packed logp")
+    assert_close(metrics["entropy"], er.mean(), name="entropy")
+    for k, v in ref_m.items():
+        assert_close(metrics[k], v, name=k)
+    # dense logp_old gives the same loss
+    loss2, _, _ = slim_ops.slim_loss_from_hidden(h, w, y, old_dense, mask, adv, wts, backend=backend, **kw)
+    assert_close(loss2, ref)
+
+
+def test_validation_messages():
+    h, w, y, _ = _inputs(4, 8, 50, torch.float32)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, V=50\)"):
+        slim_ops.masked_logprob(h, w, torch.tensor([0, 1, 2, 50]))
+    with pytest.raises(ValueError, match="weight must be a \\[V, d\\] tensor with d=8"):
+        slim_ops.masked_logprob(h, w[:, :4], y)
+    with pytest.raises(ValueError, match="weight dtype torch.bfloat16 must match hidden dtype"):
+        slim_ops.masked_logprob(h, w.bfloat16(), y)
+    with pytest.raises(ValueError, match="labels must be a 1-D integer tensor of length N=4"):
+        slim_ops.masked_logprob(h, w, y[:3])
+    with pytest.raises(ValueError, match="temperature must be a float > 0"):
+        slim_ops.masked_logprob(h, w, y, temperature=0.0)
+    with pytest.raises(ValueError, match="labels must be int64 or int32"):
+        slim_ops.logprob_from_logits(torch.randn(4, 50), y.float())
+    with pytest.raises(RuntimeError, match="op 'masked_logprob' has no 'cuda' backend"):
+        slim_ops.masked_logprob(h, w, y, backend="cuda")
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, :3] = True
+    with pytest.raises(ValueError, match="hidden has 4 rows but loss_mask selects 3 positions"):
+        slim_ops.slim_loss_from_hidden(h, w, y, torch.zeros(4), mask, torch.zeros(2))
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: real vocabularies, every backend against the reference (run by benchmarks/gpu_check.sh)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", [151936, 126464, 152064])
+def test_gpu_masked_logprob_real_vocab(V):
+    N, d, T = 512, 2560, 1.0
+    h, w, y, up = (t.cuda() for t in _inputs(N, d, V, torch.bfloat16, seed=9))
+    hf, wf = h.float().requires_grad_(), w.float().requires_grad_()
+    lr, er = masked_logprob_ref(hf, wf, y, T)
+    (lr * up).sum().backward()
+    ref = (lr.detach(), er, hf.grad, wf.grad)
+    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+    z = hl @ wl.t()
+    lp_low = z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, -1)
+    (lp_low * up.bfloat16()).sum().backward()
+    low = (lp_low.detach(), er, hl.grad, wl.grad)
+    for backend in ("triton", "torch"):
+        got = _run(backend, h, w, y, up, T)
+        for name, a, e, lo in zip(("logp", "entropy", "dhidden", "dweight"), got, ref, low):
+            if name == "entropy":
+                assert_close(a, e, name=f"{backend} entropy")
+            else:
+                assert_three_way(a, e, lo, name=f"{backend} {name} V={V}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_gpu_logprob_from_logits(backend):
+    N, V = 256, 151936
+    logits = (torch.randn(N, V, device="cuda") * 4).bfloat16()
+    y = torch.randint(0, V, (N,), device="cuda")
+    up = torch.randn(N, device="cuda")
+    lg = logits.clone().requires_grad_()
+    lp, ent = slim_ops.logprob_from_logits(lg, y, return_entropy=True, backend=backend)
+    (lp * up).sum().backward()
+    lf = logits.float().requires_grad_()
+    lr, er = logprob_from_logits_ref(lf, y)
+    (lr * up).sum().backward()
+    assert_close(lp, lr, name="logp")
+    assert_close(ent, er, name="entropy")
+    assert_close(lg.grad.float(), lf.grad, dtype=torch.bfloat16, name="dlogits")
