@@ -1,0 +1,1 @@
+"""Integrations of slim_ops with model libraries (transformers: see hf.py)."""

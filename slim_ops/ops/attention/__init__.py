@@ -1,0 +1,1 @@
+"""Block-diffusion attention (SPEC §3): reference, Triton kernels, public op."""
