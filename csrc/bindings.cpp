@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "logprob/logprob.cuh"
 #include "tau_budget/tau_budget.cuh"
 
 namespace py = pybind11;
@@ -49,4 +50,28 @@ PYBIND11_MODULE(_C, m) {
             reinterpret_cast<cudaStream_t>(stream)));
       },
       "Selection of a decode step on given confidences (csrc/tau_budget); returns a cudaError_t code.");
+
+  // ---- logprob (csrc/logprob) ----
+  m.def(
+      "logprob_from_logits",
+      [](std::uintptr_t logits, int dtype, std::uintptr_t labels, std::uintptr_t logp, std::uintptr_t lse,
+         std::uintptr_t entropy, int64_t N, int64_t V, int64_t row_stride, float inv_t, std::uintptr_t stream) {
+        return static_cast<int>(slim_ops::logprob_from_logits_fwd(
+            reinterpret_cast<const void*>(logits), dtype, reinterpret_cast<const int64_t*>(labels),
+            reinterpret_cast<float*>(logp), reinterpret_cast<float*>(lse), reinterpret_cast<float*>(entropy), N, V,
+            row_stride, inv_t, reinterpret_cast<cudaStream_t>(stream)));
+      },
+      "Label log-prob (+ logsumexp, entropy) from logits, one pass (csrc/logprob); returns a cudaError_t code.");
+  m.def(
+      "logprob_from_logits_bwd",
+      [](std::uintptr_t grad, std::uintptr_t logits, int dtype, std::uintptr_t labels, std::uintptr_t lse,
+         std::uintptr_t dlogits, int64_t N, int64_t V, int64_t row_stride, int64_t out_stride, float inv_t,
+         std::uintptr_t stream) {
+        return static_cast<int>(slim_ops::logprob_from_logits_bwd(
+            reinterpret_cast<const float*>(grad), reinterpret_cast<const void*>(logits), dtype,
+            reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(lse),
+            reinterpret_cast<void*>(dlogits), N, V, row_stride, out_stride, inv_t,
+            reinterpret_cast<cudaStream_t>(stream)));
+      },
+      "dlogits = g/T (onehot - softmax) (csrc/logprob); returns a cudaError_t code.");
 }

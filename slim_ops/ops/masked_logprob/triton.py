@@ -124,7 +124,7 @@ def _logprob_from_logits_fwd_kernel(z_ptr, y_ptr, logp_ptr, lse_ptr, ent_ptr, V,
         b_s = b_s * alpha + tl.sum(b_e, axis=0)
         b_m = m_new
     y = tl.load(y_ptr + i_n)
-    zy = tl.load(p_row + y).to(tl.float32) * INV_T
+    zy = tl.load(p_row + y, mask=(y >= 0) & (y < V), other=float("nan")).to(tl.float32) * INV_T
     lse = b_m + tl.log(b_s)
     tl.store(logp_ptr + i_n, zy - lse)
     tl.store(lse_ptr + i_n, lse)
