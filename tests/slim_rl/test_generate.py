@@ -219,3 +219,26 @@ def test_validation_messages():
         generate(model, PROMPTS, batch_size=0)
     with pytest.raises(TypeError, match="lacks attribute"):
         generate(torch.nn.Linear(2, 2), PROMPTS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_batched_equals_alone_real_vocab(family):
+    """On the device (lagged early-exit flag, pinned copies): real vocabulary size, K = 16, ragged batch;
+    batched == alone, SDAR cache == no cache, and the acceptance-1 invariants."""
+    vocab = {"sdar": 151936, "llada": 126464, "dream": 152064}[family]
+    model = tiny(family, vocab_size=vocab, seed=9, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_std=0.3, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, vocab - 3, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 40, (12,), generator=g)]
+    kw = dict(block_size=16, max_new_tokens=48, tau=0.9)
+    out = generate(model, prompts, **kw)
+    _check_consistent(model, out, prompts, block_size=16, max_new_tokens=48, steps=16)
+    for i in (0, 5, 11):
+        alone = generate(model, [prompts[i]], **kw)
+        assert torch.equal(out.sequences[i], alone.sequences[0]), f"row {i}"
+    if family == "sdar":
+        full = generate(model, prompts, use_cache=False, **kw)
+        for i in range(len(prompts)):
+            assert torch.equal(out.sequences[i], full.sequences[i]), f"row {i}"
