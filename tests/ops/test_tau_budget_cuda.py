@@ -288,6 +288,30 @@ def test_emu_sampling_matches_reference(emu, temperature):
     assert torch.equal(out[2][same], e2e[2][same])
 
 
+# A seed whose RNG gives u == 1 (g = +inf) at slot 0, v = 127: the definition then samples v = 127 whatever
+# the logits (fp32 rounding of (bits >> 8) + 0.5 in reference.gumbel_noise); the kernels must reproduce it.
+U1_SEED, U1_V = 16053, 127
+
+
+def unit_uniform_case(device="cpu"):
+    V = 512
+    logits = torch.zeros(1, 1, V, device=device)
+    logits[0, 0, 124] = 40.0  # same 16-byte vector as v = 127, visited first: only g = +inf can beat it
+    seed = torch.tensor([U1_SEED], dtype=torch.int64, device=device)
+    assert torch.isinf(ref.gumbel_noise(seed.cpu(), torch.tensor([0]), V)[0, U1_V])
+    block = torch.zeros(1, 1, dtype=torch.int64, device=device)
+    exp = ref_step(logits.cpu(), block.cpu(), 0, [0.9], [1.0], [1], 1.0, seed.cpu(), "tau_budget")
+    return logits, block, seed, exp
+
+
+def test_emu_sampling_unit_uniform(emu):
+    logits, block, seed, exp = unit_uniform_case()
+    tau32, bud, fl, *_ = row_params(1, 0.9, 1.0, 1)
+    out = emu_step(emu, logits, block, 0, tau32, bud, fl, seed, 1.0, 0)
+    assert int(out[2][0, 0]) == int(exp[2][0, 0]) == U1_V
+    assert_close(out[3], exp[3], name="confidence")
+
+
 def test_emu_invalid_slots(emu):
     R, K, V, mask_id = 2, 6, 300, 299
     logits = torch.randn(R, K, V)
@@ -583,6 +607,15 @@ def test_gpu_sampling_matches_reference(temperature):
     same = out[2] == tok
     assert_close(out[3][same], conf[same], name="sampled confidence")
     check_selection(out, block, mask_id, taus, ms, fls, "tau_budget")
+
+
+@pytest.mark.gpu
+def test_gpu_sampling_unit_uniform():
+    logits, block, seed, exp = unit_uniform_case("cuda")
+    tau32, bud, fl, *_ = row_params(1, 0.9, 1.0, 1, device="cuda")
+    out = cuda_step(logits, block, 0, tau32, bud, fl, seed, 1.0, 0)
+    assert int(out[2][0, 0]) == int(exp[2][0, 0]) == U1_V
+    assert_close(out[3], exp[3], name="confidence")
 
 
 @pytest.mark.gpu
