@@ -538,11 +538,12 @@ def test_gpu_non_contiguous_and_misaligned_rows():
     R, K, V, mask_id = 16, 16, 151936, 151669
     big, block = gpu_case(R, K + 2, V + 5, torch.bfloat16, seed=2)
     block = block[:, :K].contiguous()
+    slot_major, _ = gpu_case(K, R, V, torch.bfloat16, seed=9)
     views = [
-        big[:, 1 : K + 1, 3 : V + 3],  # misaligned start, odd strides
-        big[:, :K, :V],  # row stride V+5
-        big.transpose(0, 1)[:K, :R, :V].transpose(0, 1),
-    ]  # slot-major layout
+        big[:, 1 : K + 1, 3 : V + 3],  # misaligned start, odd strides: scalar head, vector body, scalar tail
+        big[:, :K, :V],  # row stride V + 5
+        slot_major.transpose(0, 1),  # [R, K, V] view of a [K, R, V] tensor
+    ]
     tau32, bud, fl, taus, ms, fls = row_params(R, 0.9, 1.0, 1, device="cuda")
     seed = torch.zeros(1, dtype=torch.int64, device="cuda")
     for logits in views:
