@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -86,10 +86,8 @@ if MODE != "OFF":
     ext_modules.append(Extension("slim_ops._C", sources=cpp, language="c++"))
 
 setup(
-    packages=["slim_ops", "slim_ops.ops"] + [f"slim_ops.ops.{p.name}" for p in sorted((ROOT / "slim_ops" / "ops").iterdir())
-                                          if (p / "__init__.py").exists()]
-    + ["slim_rl"] + [f"slim_rl.{p.name}" for p in sorted((ROOT / "python" / "slim_rl").iterdir())
-                     if (p / "__init__.py").exists()],
+    packages=find_packages(include=["slim_ops", "slim_ops.*"])
+    + ["slim_rl"] + [f"slim_rl.{p}" for p in find_packages(str(ROOT / "python" / "slim_rl"))],
     package_dir={"slim_ops": "slim_ops", "slim_rl": "python/slim_rl"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CudaBuildExt},

@@ -129,3 +129,26 @@ def tau_budget_step_ref(logits: torch.Tensor, block: torch.Tensor, mask_id: int,
         commit[r], num[r], risk[r] = select_row_ref(conf[r], masked, per_row(tau, r), per_row(m, r), fl, strategy)
         new_block[r] = torch.where(commit[r], tokens[r], new_block[r])
     return new_block, commit, tokens, conf, num, risk
+
+
+def per_row_loop(logits: torch.Tensor, block: torch.Tensor, mask_id: int, tau: float = 0.9, m: float = 1.0,
+                 floor: int = 1) -> torch.Tensor:
+    """Baseline shaped like the upstream engines (SPEC §7), for benchmarks: one row at a time, fp64
+    probabilities over the whole vocabulary, sort + cumsum, `.item()` host syncs. Greedy, tau_budget only."""
+    out = block.clone()
+    for r in range(logits.shape[0]):
+        probs = torch.softmax(logits[r].double(), dim=-1)  # [K, V] fp64
+        conf, x0 = probs.max(dim=-1)
+        masked = block[r] == mask_id
+        n_masked = int(masked.sum().item())
+        if n_masked == 0:
+            continue
+        conf = torch.where(masked, conf, torch.tensor(-1.0, dtype=conf.dtype, device=conf.device))
+        vals, order = torch.sort(conf, descending=True)
+        above = vals > tau
+        risk = torch.cumsum(torch.where(above, 1.0 - vals, 0.0), dim=0)
+        k_b = int(((risk <= m * (1 - tau)) & above).sum().item())
+        k = min(max(k_b, floor), n_masked)
+        sel = order[:k]
+        out[r, sel] = x0[sel]
+    return out

@@ -7,7 +7,7 @@ import torch
 
 from .reference import gumbel_noise
 
-_CHUNK_ELEMS = 1 << 22  # fp32/int64 temporaries per chunk of slots: 16-32 MB
+_CHUNK_ELEMS = 1 << 20  # temporaries per chunk of slots (4-8 MB: stays in cache)
 
 
 def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temperature: float,
@@ -21,11 +21,10 @@ def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temp
     step = max(1, _CHUNK_ELEMS // max(V, 1))
     for s0 in range(0, n, step):  # chunks of slots bound the temporaries; not a loop over rows
         z = flat[s0:s0 + step].float()
-        mx = z.amax(dim=-1, keepdim=True)  # NaN propagates; +inf / all -inf are caught below
-        bad = ~torch.isfinite(mx[:, 0]) | torch.isnan(z).any(dim=-1)
+        mx, tok = torch.max(z, dim=-1)  # first index among equal maxima; NaN propagates into mx
+        bad = ~torch.isfinite(mx)  # NaN or +inf somewhere, or all -inf
         if temperature == 0.0:
-            tok = z.argmax(dim=-1)
-            c = 1.0 / torch.exp(z - mx).sum(dim=-1)
+            c = 1.0 / (z - mx[:, None]).exp_().sum(dim=-1)
         else:
             zt = z / temperature
             if top_k > 0 or top_p < 1.0:
