@@ -165,21 +165,6 @@ def _prompt_positions(prompt_pad: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).masked_fill(prompt_pad, 1)
 
 
-def _staircase_allowed(prompt_pad: torch.Tensor, response_len: int, block_size: int) -> torch.Tensor:
-    """bool [B, L, L] over [prompt ‖ response]: the P∪C predicate of SPEC §3.3 (prompt blocks
-    right-aligned to L0, pad keys hidden, a prompt row with no allowed key attends to itself)."""
-    from slim_ops.layout import BlockLayout
-
-    L0 = prompt_pad.shape[1]
-    layout = BlockLayout.packed(L0, response_len, block_size, 0, prompt_pad=prompt_pad)
-    return layout.dense_mask(device=prompt_pad.device)
-
-
-def _prefill_allowed(prompt_pad: torch.Tensor, block_size: int) -> torch.Tensor:
-    L0 = prompt_pad.shape[1]
-    return _staircase_allowed(prompt_pad, 1, block_size)[:, :L0, :L0]
-
-
 def _bidirectional_allowed(prompt_pad: torch.Tensor, response_len: int) -> torch.Tensor:
     """bool [B, L, L]: every key except prompt pads; a pad query attends to itself only."""
     B, L0 = prompt_pad.shape
@@ -188,6 +173,54 @@ def _bidirectional_allowed(prompt_pad: torch.Tensor, response_len: int) -> torch
     allowed = (~keypad)[:, None, :].expand(B, L, L)
     eye = torch.eye(L, dtype=torch.bool, device=prompt_pad.device)[None]
     return torch.where(keypad[:, :, None], eye, allowed)
+
+
+class _Attention:
+    """How a forward call gets its attention pattern: a :class:`slim_ops.BlockLayout` handed to the model
+    (when it runs slim_ops' block-diffusion attention, no mask tensor at all) or the layout's dense
+    predicate as a 4D additive mask (plain SDPA / eager attention)."""
+
+    def __init__(self, model, mode: str, dtype: torch.dtype):
+        impl = getattr(model.config, "_attn_implementation", None)
+        try:
+            from slim_ops.integrations.hf import ATTN_NAME
+        except ImportError:  # pragma: no cover - the integration ships with slim_ops
+            ATTN_NAME = None
+        if mode not in ("auto", "layout", "dense"):
+            raise ValueError(f"attention must be 'auto', 'layout' or 'dense', got {mode!r}")
+        if mode == "layout" and (ATTN_NAME is None or impl != ATTN_NAME):
+            raise ValueError("attention='layout' needs a model running slim_ops attention: call "
+                             "model.set_attn_implementation(slim_ops.integrations.hf.register()) first "
+                             f"(its attention implementation is {impl!r})")
+        self.use_layout = mode == "layout" or (mode == "auto" and ATTN_NAME is not None and impl == ATTN_NAME)
+        self.dtype = dtype
+
+    def __call__(self, layout) -> dict:
+        if self.use_layout:
+            return {"block_layout": layout}
+        return {"attention_mask": _additive(layout.dense_mask(), self.dtype)}
+
+    def dense(self, allowed: torch.Tensor) -> dict:
+        """A pattern that no BlockLayout describes (LLaDA / Dream whole-canvas attention)."""
+        return {"attention_mask": _additive(allowed, self.dtype)}
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return False
+    return "logits_to_keep" in params
+
+
+def _logits(model, ltk: bool, keep: int | torch.Tensor, **kwargs) -> torch.Tensor:
+    """Model logits for the kept positions only (`keep`: last-n int or 1D position tensor)."""
+    if ltk:
+        return model(logits_to_keep=keep, **kwargs).logits
+    logits = model(**kwargs).logits  # models without logits_to_keep: slice afterwards
+    return logits[:, -keep:] if isinstance(keep, int) else logits[:, keep]
 
 
 class _LaggedFlag:
@@ -318,16 +351,18 @@ def _step(logits, block, info, j, S, K, kw):
 
 
 def _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit):
-    """Denoise one block for the active rows: up to S steps, each one forward + one decode step."""
+    """Denoise one block for the active rows: up to S steps, each one forward + one decode step.
+
+    ``forward(block, j) -> (logits [R, K, V], token positions processed)``."""
     mask_id = info["mask_id"]
     flag = _LaggedFlag(block.device)
     for j in range(S):
         if early_exit and flag.done():
             break
         active = (block == mask_id).any(dim=1)
-        logits = forward(block)
+        logits, n_tok = forward(block, j)
         counters["model_calls"] += 1
-        counters["forward_tokens"] += counters["tokens_per_call"]
+        counters["forward_tokens"] += n_tok
         out = _step(logits, block, info, j, S, K, kw)
         rec.step(rows, cols, active, out)
         block = out.block
@@ -337,9 +372,13 @@ def _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_
 
 @torch.no_grad()
 def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_cache, kw, early_exit,
-                    rec: _Recorder, row_ids: torch.Tensor, counters) -> None:
+                    rec: _Recorder, row_ids: torch.Tensor, counters, attention: str) -> None:
+    from slim_ops.layout import BlockLayout
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    attn_of = _Attention(model, attention, dtype)
+    ltk = _accepts_logits_to_keep(model)
     mask_id, eos_id, pad_id, shift = info["mask_id"], info["eos_id"], info["pad_id"], info["shift"]
     B = len(prompts)
     plen = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
@@ -350,99 +389,86 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
         prompt[i, L0 - len(p):] = p
     prompt = prompt.to(device)
     prompt_pad = (torch.arange(L0)[None, :] < (L0 - plen)[:, None]).to(device)
+    ppos = _prompt_positions(prompt_pad)
     plen = plen.to(device)
     rows = row_ids.to(device)  # original row ids of the active rows
     sel = torch.arange(B, device=device)  # active rows as indices into this chunk's prompt tensors
+    arK = torch.arange(K, device=device)
 
-    if info["block_causal"] and use_cache:
-        from transformers import DynamicCache
+    if info["block_causal"]:
+        cache = None
+        if use_cache:
+            from transformers import DynamicCache
 
-        cache = DynamicCache(config=model.config)
-        model(input_ids=prompt, attention_mask=_additive(_prefill_allowed(prompt_pad, K), dtype),
-              position_ids=_prompt_positions(prompt_pad), cache=cache, use_cache=True, logits_to_keep=1)
-        counters["model_calls"] += 1
-        counters["forward_tokens"] += B * L0
+            cache = DynamicCache(config=model.config)
         for b in range(nb):
             R = sel.numel()
-            cols = torch.arange(b * K, (b + 1) * K, device=device)
-            keypad = torch.cat([prompt_pad[sel], prompt_pad.new_zeros(R, b * K + K)], dim=1)  # [R, Lc+K]
-            attn = _additive((~keypad)[:, None, :].expand(R, K, keypad.shape[1]), dtype)
-            pos = (plen[sel] + b * K)[:, None] + torch.arange(K, device=device)[None, :]
+            cols = b * K + arK
+            pos = (plen[sel] + b * K)[:, None] + arK[None, :]
+            if cache is None or b == 0:
+                # staircase over [prompt ‖ blocks 0..b] (with the cache: the prefill, fused with the first
+                # denoising step of block 0; its K/V of the prompt are kept, those of the block cropped)
+                Lr = (b + 1) * K
+                stair = attn_of(BlockLayout.packed(L0, Lr, K, 0, prompt_pad=prompt_pad[sel]))
+                rpos = plen[sel][:, None] + torch.arange(Lr, device=device)[None, :]
+                spos = torch.cat([ppos[sel], rpos], dim=1)
+                prefix = torch.cat([prompt[sel], rec.tokens[rows][:, : b * K]], dim=1)
+            if cache is not None:
+                Lc = L0 + b * K
+                keypad = torch.cat([prompt_pad[sel], prompt_pad.new_zeros(R, b * K)], dim=1)  # [R, Lc]
+                dec = attn_of(BlockLayout.decode(Lc, K, cache_pad=keypad))
 
-            def forward(blk, attn=attn, pos=pos):
-                logits = model(input_ids=blk, attention_mask=attn, position_ids=pos, cache=cache,
-                               use_cache=True).logits
-                cache.crop(-K)  # drop the K/V of the partially masked block
-                return logits
+            def forward(blk, j, b=b, R=R, pos=pos, dec=dec if cache is not None else None,
+                        stair=stair, spos=spos, prefix=prefix):
+                if cache is None or (b == 0 and j == 0):
+                    ids = torch.cat([prefix, blk], dim=1)
+                    logits = _logits(model, ltk, K, input_ids=ids, position_ids=spos, cache=cache,
+                                     use_cache=cache is not None, **stair)
+                    n_tok = R * ids.shape[1]
+                else:
+                    logits = _logits(model, ltk, K, input_ids=blk, position_ids=pos, cache=cache,
+                                     use_cache=True, **dec)
+                    n_tok = R * K
+                if cache is not None:
+                    cache.crop(-K)  # drop the K/V of the partially masked block
+                return logits, n_tok
 
-            counters["tokens_per_call"] = R * K
             block = torch.full((R, K), mask_id, dtype=torch.int64, device=device)
             block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
             rec.tokens[rows[:, None], cols[None, :]] = block
             if b + 1 == nb:
                 break
-            # "save" pass: append the complete block's K/V to the cache
-            model(input_ids=block, attention_mask=attn, position_ids=pos, cache=cache, use_cache=True,
-                  logits_to_keep=1)
-            counters["model_calls"] += 1
-            counters["forward_tokens"] += R * K
+            if cache is not None:  # "save" pass: append the complete block's K/V to the cache
+                _logits(model, ltk, 1, input_ids=block, position_ids=pos, cache=cache, use_cache=True, **dec)
+                counters["model_calls"] += 1
+                counters["forward_tokens"] += R * K
             keep = _retire(block, eos_id, rec, rows)
             if keep is not None:
                 if keep.numel() == 0:
                     return
-                cache.batch_select_indices(keep)
-                rows, sel = rows[keep], sel[keep]
-        return
-
-    if info["block_causal"]:  # SDAR without cache: the whole prefix with the staircase every step
-        for b in range(nb):
-            R = sel.numel()
-            cols = torch.arange(b * K, (b + 1) * K, device=device)
-            Lr = (b + 1) * K
-            attn = _additive(_staircase_allowed(prompt_pad[sel], Lr, K), dtype)
-            ppos = _prompt_positions(prompt_pad[sel])
-            rpos = plen[sel][:, None] + torch.arange(Lr, device=device)[None, :]
-            pos = torch.cat([ppos, rpos], dim=1)
-            prefix = torch.cat([prompt[sel], rec.tokens[rows][:, : b * K]], dim=1)
-
-            def forward(blk, attn=attn, pos=pos, prefix=prefix):
-                ids = torch.cat([prefix, blk], dim=1)
-                return model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                             logits_to_keep=K).logits
-
-            counters["tokens_per_call"] = R * (L0 + Lr)
-            block = torch.full((R, K), mask_id, dtype=torch.int64, device=device)
-            block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
-            rec.tokens[rows[:, None], cols[None, :]] = block
-            if b + 1 == nb:
-                break
-            keep = _retire(block, eos_id, rec, rows)
-            if keep is not None:
-                if keep.numel() == 0:
-                    return
+                if cache is not None:
+                    cache.batch_select_indices(keep)
                 rows, sel = rows[keep], sel[keep]
         return
 
     # LLaDA / Dream: bidirectional over the whole canvas, no cache
     canvas = torch.cat([prompt, torch.full((B, L1), mask_id, dtype=torch.int64, device=device)], dim=1)
     allowed = _bidirectional_allowed(prompt_pad, L1)
-    pos_all = torch.cat([_prompt_positions(prompt_pad),
-                         plen[:, None] + torch.arange(L1, device=device)[None, :]], dim=1)
+    pos_all = torch.cat([ppos, plen[:, None] + torch.arange(L1, device=device)[None, :]], dim=1)
     for b in range(nb):
         R = sel.numel()
-        cols = torch.arange(b * K, (b + 1) * K, device=device)
+        cols = b * K + arK
         start = L0 + b * K
         keep_rows = _logit_rows(start, K, shift, device)
-        attn = _additive(allowed[sel], dtype)
+        attn = attn_of.dense(allowed[sel])
         pos = pos_all[sel]
         cv = canvas[sel]
 
-        def forward(blk, attn=attn, pos=pos, cv=cv, start=start, keep_rows=keep_rows):
+        def forward(blk, j, attn=attn, pos=pos, cv=cv, start=start, keep_rows=keep_rows):
             cv[:, start:start + K] = blk
-            return model(input_ids=cv, attention_mask=attn, position_ids=pos, use_cache=False,
-                         logits_to_keep=keep_rows).logits
+            logits = _logits(model, ltk, keep_rows, input_ids=cv, position_ids=pos, use_cache=False, **attn)
+            return logits, cv.numel()
 
-        counters["tokens_per_call"] = R * (L0 + L1)
         block = torch.full((R, K), mask_id, dtype=torch.int64, device=device)
         block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
         canvas[sel, start:start + K] = block
@@ -471,7 +497,7 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
              steps_per_block: int | None = None, strategy: str = "tau_budget", tau: float = 0.9,
              m: float = 1.0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              use_cache: bool = True, generator: torch.Generator | None = None, batch_size: int | None = None,
-             early_exit: bool = True, backend: str | None = None) -> GenerateOutput:
+             early_exit: bool = True, attention: str = "auto", backend: str | None = None) -> GenerateOutput:
     """Block-diffusion decoding of a batch of prompts (see the module docstring for the algorithm).
 
     Args:
@@ -486,6 +512,10 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
         use_cache: SDAR only: decode against the KV cache (True) or recompute the prefix every step.
         batch_size: decode at most this many prompts at once (None = all).
         early_exit: stop a block once every row's block is complete (False = always S steps).
+        attention: "auto" hands SDAR forwards a :class:`slim_ops.BlockLayout` (``block_layout=`` kwarg, no
+            mask tensor) when the model runs slim_ops attention
+            (``model.set_attn_implementation(slim_ops.integrations.hf.register())``) and a dense 4D
+            additive mask otherwise; "layout" insists on the former, "dense" forces the latter.
         backend: passed to :func:`slim_ops.tau_budget_step`.
 
     Returns:
@@ -503,12 +533,12 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
     rec = _Recorder(B, nb * K, nb * S, info["pad_id"], device)
     kw = dict(tau=float(tau), m=float(m), temperature=float(temperature), top_k=top_k, top_p=float(top_p),
               generator=generator, strategy=strategy, backend=backend)
-    counters = {"model_calls": 0, "forward_tokens": 0, "tokens_per_call": 0}
+    counters = {"model_calls": 0, "forward_tokens": 0}
     chunk = B if batch_size is None else batch_size
     for s0 in range(0, B, chunk):
         ids = torch.arange(s0, min(B, s0 + chunk))
         _generate_chunk(model, plist[s0:s0 + chunk], info, K=K, S=S, nb=nb, use_cache=use_cache, kw=kw,
-                        early_exit=early_exit, rec=rec, row_ids=ids, counters=counters)
+                        early_exit=early_exit, rec=rec, row_ids=ids, counters=counters, attention=attention)
 
     tokens = rec.tokens.cpu()
     step_map = rec.step_map.cpu()

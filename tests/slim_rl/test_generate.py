@@ -173,7 +173,7 @@ def test_no_early_exit_runs_all_steps_and_agrees():
     for x, y in zip(a.sequences, b.sequences, strict=True):
         assert torch.equal(x, y)
     assert torch.equal(a.nfe, b.nfe)  # rows count only steps in which they had masked slots
-    assert b.model_calls == 1 + 2 * 4 + 1  # prefill + nb·S denoising forwards + (nb − 1) saves
+    assert b.model_calls == 2 * 4 + 1  # nb·S denoising forwards (the first = the prefill) + (nb − 1) saves
     assert a.model_calls <= b.model_calls
 
 
@@ -242,3 +242,23 @@ def test_cuda_batched_equals_alone_real_vocab(family):
         full = generate(model, prompts, use_cache=False, **kw)
         for i in range(len(prompts)):
             assert torch.equal(out.sequences[i], full.sequences[i]), f"row {i}"
+
+
+@pytest.mark.parametrize("family", ["sdar", "dream"])
+def test_slim_attention_layouts_equal_dense_masks(family):
+    """With slim_ops attention the SDAR forwards get BlockLayouts (no mask tensor); same greedy output
+    as the dense-mask path, with and without the KV cache. LLaDA / Dream keep their dense canvas mask."""
+    from slim_ops.integrations import hf
+
+    dense_model = _model(family, seed=10)
+    slim_model = _model(family, seed=10)
+    slim_model.set_attn_implementation(hf.register())
+    kw = dict(block_size=4, max_new_tokens=8, tau=0.6)
+    ref = generate(dense_model, PROMPTS, **kw)
+    for use_cache in (True, False) if family == "sdar" else (True,):
+        mode = "layout" if family == "sdar" else "auto"
+        out = generate(slim_model, PROMPTS, use_cache=use_cache, attention=mode, **kw)
+        for i in range(len(PROMPTS)):
+            assert torch.equal(out.sequences[i], ref.sequences[i]), f"row {i} use_cache={use_cache}"
+    with pytest.raises(ValueError, match="set_attn_implementation"):
+        generate(dense_model, PROMPTS, attention="layout", **kw)
