@@ -1,4 +1,4 @@
-"""The trainer configuration: a dataclass tree, loaded from YAML, with ``section.key=value`` overrides.
+"""The trainer configuration: a dataclass tree (its defaults are the embedded demo's settings), loaded from YAML, with ``section.key=value`` overrides.
 
     cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.steps=40"])
 
@@ -104,7 +104,7 @@ class OptimConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = 0                  # 0 = no SFT stage
+    steps: int = 600                # 0 = no SFT stage
     batch_size: int = 128
     lr: float = 2e-3
     warmup_steps: int = 50
