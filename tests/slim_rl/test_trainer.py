@@ -103,7 +103,6 @@ def _trainer(objective="slim", extra=()):
 def test_update_follows_the_advantage(objective):
     """Raising the log-prob of positively rewarded responses: after one update on a fixed batch the
     positive responses' mean log-prob rises relative to the negative ones'."""
-    from slim_rl.trainer import RolloutBatch
 
     torch.manual_seed(0)
     tr = _trainer(objective, ["optim.epochs=1", "optim.minibatches=1", "optim.lr=3e-3",
