@@ -20,8 +20,9 @@ constexpr int kSlotThreads = 256;
 constexpr int kSlotWarps = kSlotThreads / 32;
 constexpr int kRowThreads = kTauBudgetMaxK;
 constexpr float kLog2e = 1.4426950408889634f;
-// Every u < 1 the RNG can produce gives g = -log(-log u) <= 16.64, so z/T + 17 bounds the score and the two
-// logarithms are skipped for elements that cannot win. u == 1 (g = +inf) is tested on the bits.
+// Every u < 1 the RNG can produce (u <= 1 - 2^-23) gives g = -log(-log u) < 16, so z/T + 17 bounds the
+// score and the two logarithms are skipped for elements that cannot win. u == 1 (g = +inf) is tested on the
+// RNG bits.
 constexpr float kGumbelBound = 17.0f;
 
 enum Mode { kGreedy = 0, kSampleDiv = 1, kSampleMul = 2 };
@@ -180,8 +181,7 @@ TB_HD void sample_chunk(SlotState& st, const float (&z)[N], int i0, float t, flo
 }
 
 template <int MODE, int N>
-TB_HD void visit(SlotState& st, const float (&z)[N], int i0, float t, float inv_t,
-                                      uint32_t key) {
+TB_HD void visit(SlotState& st, const float (&z)[N], int i0, float t, float inv_t, uint32_t key) {
   if constexpr (MODE == kGreedy) {
     greedy_chunk<N>(st, z, i0);
   } else {
