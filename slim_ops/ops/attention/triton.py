@@ -151,7 +151,8 @@ def _bda_fwd_kernel(Q, Kp, V, O, LSE, PAD, FV,
         b_acc, b_m, b_l = _bda_fwd_tile(b_acc, b_m, b_l, b_q, p_kb, p_vb, n0, Lk, stride_kn, stride_vn, m_q,
                                         a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE, D, BD, BN,
                                         HAS_PAD, UPCAST, PREC)
-    for n0 in range(tl.maximum((tl.minimum(lo_b, hi_b) // BN) * BN, ((hi_a + BN - 1) // BN) * BN), hi_b, BN):
+    start_b = tl.maximum((tl.minimum(lo_b, hi_b) // BN) * BN, ((hi_a + BN - 1) // BN) * BN)
+    for n0 in range(start_b, hi_b, BN):
         b_acc, b_m, b_l = _bda_fwd_tile(b_acc, b_m, b_l, b_q, p_kb, p_vb, n0, Lk, stride_kn, stride_vn, m_q,
                                         a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE, D, BD, BN,
                                         HAS_PAD, UPCAST, PREC)
@@ -276,7 +277,8 @@ def _bda_bwd_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, p_kb, p_vb, n0, Lk, stride
         if UPCAST:
             b_k = b_k.to(tl.float32)
             b_v = b_v.to(tl.float32)
-        b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * QK_SCALE - b_lse[:, None])  # [BM, BN]
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+        b_p = tl.exp2(b_s * QK_SCALE - b_lse[:, None])
         if not tile_full:
             b_mask = _bda_tile_mask(n0, a_lo, a_hi, b_lo, b_hi, self_only, b_pad, BN, HAS_PAD)
             b_p = tl.where(b_mask, b_p, 0.0)
@@ -328,13 +330,14 @@ def _bda_bwd_dq_kernel(Q, Kp, V, DO, LSE, DELTA, DQ, PAD, FV,
     hi_b = tl.max(b_hi, axis=0)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
     for n0 in range((tl.minimum(lo_a, hi_a) // BN) * BN, hi_a, BN):
-        b_dq = _bda_bwd_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, p_kb, p_vb, n0, Lk, stride_kn, stride_vn, m_q,
-                                a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE, D, BD, BN, HAS_PAD,
-                                UPCAST, PREC)
-    for n0 in range(tl.maximum((tl.minimum(lo_b, hi_b) // BN) * BN, ((hi_a + BN - 1) // BN) * BN), hi_b, BN):
-        b_dq = _bda_bwd_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, p_kb, p_vb, n0, Lk, stride_kn, stride_vn, m_q,
-                                a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE, D, BD, BN, HAS_PAD,
-                                UPCAST, PREC)
+        b_dq = _bda_bwd_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, p_kb, p_vb, n0, Lk, stride_kn, stride_vn,
+                                m_q, a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE, D, BD, BN,
+                                HAS_PAD, UPCAST, PREC)
+    start_b = tl.maximum((tl.minimum(lo_b, hi_b) // BN) * BN, ((hi_a + BN - 1) // BN) * BN)
+    for n0 in range(start_b, hi_b, BN):
+        b_dq = _bda_bwd_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, p_kb, p_vb, n0, Lk, stride_kn, stride_vn,
+                                m_q, a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE, D, BD, BN,
+                                HAS_PAD, UPCAST, PREC)
     p_dq = tl.make_block_ptr(DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh, (Lq, D),
                              (stride_dqm, 1), (i_m * BM, 0), (BM, BD), (1, 0))
     tl.store(p_dq, (b_dq * SM_SCALE).to(DQ.dtype.element_ty), boundary_check=(0, 1))
@@ -345,17 +348,30 @@ def _bda_bwd_dq_kernel(Q, Kp, V, DO, LSE, DELTA, DQ, PAD, FV,
 SUPPORTED_D = (16, 32, 64, 128)
 
 
+# (kind, D) -> tiles chosen so that no configuration spills at sm_90a (see AOT_SPECS / tests/test_compile.py)
+_GPU_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
+    ("fwd", 128): {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 3},
+    ("dkdv", 128): {"BM": 16, "BN": 64, "num_warps": 8, "num_stages": 2},
+    ("dq", 128): {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
+    ("fwd", 64): {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
+    ("dkdv", 64): {"BM": 32, "BN": 64, "num_warps": 8, "num_stages": 2},
+    ("dq", 64): {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
+}
+
+
 def _config(D: int, kind: str, interpret: bool | None = None) -> dict[str, int]:
     """Tile sizes / warps per kernel; the interpreter uses 16×16 tiles to exercise many tiles cheaply."""
     if triton_interpret() if interpret is None else interpret:
         return {"BM": 16, "BN": 16, "num_warps": 4, "num_stages": 1}
-    if kind == "fwd":
-        return {"BM": 128, "BN": 64, "num_warps": 8 if D >= 128 else 4, "num_stages": 3}
-    if kind == "dkdv":
-        return {"BM": 64, "BN": 64, "num_warps": 8 if D >= 128 else 4, "num_stages": 2}
-    if kind == "dq":
-        return {"BM": 64, "BN": 64, "num_warps": 8 if D >= 128 else 4, "num_stages": 2}
-    return {"BM": 64, "num_warps": 4, "num_stages": 1}  # preprocess
+    if kind == "pre":
+        return {"BM": 64, "num_warps": 4, "num_stages": 1}
+    return dict(_GPU_CONFIGS[(kind, 128 if D > 64 else 64)])
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The interpreter rounds fp32 → bf16/fp16 stores by truncation; there the kernels store fp32 and torch
+    rounds to nearest afterwards (a no-op copy-free path on GPUs, where the kernel stores the dtype itself)."""
+    return torch.float32 if triton_interpret() else dtype
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -388,7 +404,7 @@ def bda_fwd(
     launch = launch or (lambda kern: kern)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o = torch.empty(q.shape, dtype=_store_dtype(q.dtype), device=q.device)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     pad_t, fv_t, stride_pb, has_pad = _pad_args(pad, first_valid, q.device)
     cfg = _config(D, "fwd")
@@ -433,7 +449,7 @@ def bda_fwd(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    return o, lse
+    return o.to(q.dtype), lse
 
 
 def bda_bwd(
@@ -460,9 +476,9 @@ def bda_bwd(
     BD = triton.next_power_of_2(D)
     UP, PREC = triton_interpret(), _prec(q.dtype)
     delta = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = torch.empty(q.shape, dtype=_store_dtype(q.dtype), device=q.device)
+    dk = torch.empty(k.shape, dtype=_store_dtype(k.dtype), device=k.device)
+    dv = torch.empty(v.shape, dtype=_store_dtype(v.dtype), device=v.device)
     pad_t, fv_t, stride_pb, has_pad = _pad_args(pad, first_valid, q.device)
     cp = _config(D, "pre")
     launch(_bda_bwd_preprocess_kernel)[(triton.cdiv(Lq, cp["BM"]), B * Hq)](
@@ -582,7 +598,7 @@ def bda_bwd(
         num_warps=cq["num_warps"],
         num_stages=cq["num_stages"],
     )
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # ------------------------------------------------------------------------------------------- AOT specs
