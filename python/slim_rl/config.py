@@ -1,4 +1,5 @@
 """The trainer configuration: a dataclass tree (its defaults are the embedded demo's settings),
+loaded from YAML, with ``section.key=value`` overrides.
 
     cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.steps=40"])
 
