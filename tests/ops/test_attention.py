@@ -106,6 +106,17 @@ def test_low_precision_three_way(backend, dtype):
         assert_three_way(g, r, lo, name=f"{backend}/{dtype}/{name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_row_pad_bitmap_broadcasts_over_batch(backend):
+    pad = torch.tensor([[True, True, True, False, False]])
+    lay = BlockLayout.train(5, 6, 2, prompt_pad=pad)
+    q, k, v, do = _inputs(3, 2, 1, lay.num_queries, lay.num_keys, 16, seed=17)
+    exp = _fwd_bwd(lambda a, b, c: sdpa_dense(a, b, c, lay), q, k, v, do)
+    got = _fwd_bwd(lambda a, b, c: block_diffusion_attention(a, b, c, lay, backend=backend), q, k, v, do)
+    for name, g, e in zip(("o", "dq", "dk", "dv"), got, exp):
+        assert_close(g, e, name=name, **FP32_TOL)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 def test_triton_d64_forward():
     lay = BlockLayout.train(3, 12, 4, prompt_pad=_left_pad(1, 3, 8, all_pad_row=False))
@@ -316,7 +327,7 @@ def test_gpu_triton_fp32_layouts(make):
 def test_gpu_peak_memory_is_linear():
     lay = BlockLayout.train(1024, 2048, 16)
     N = lay.seq_len
-    q, k, v, do = (t.cuda() for t in _inputs(1, 8, 2, N, N, 128, torch.bfloat16, 0))
+    q, k, v, do = (t.cuda() for t in _inputs(1, 2, 1, N, N, 64, torch.bfloat16, 0))
     for t in (q, k, v):
         t.requires_grad_(True)
     torch.cuda.synchronize()
@@ -326,4 +337,5 @@ def test_gpu_peak_memory_is_linear():
     torch.autograd.grad(o, (q, k, v), do)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra < N * N, f"triton attention used {extra} extra bytes (N*N = {N * N})"
+    # o, dq, dk, dv, lse, Δ: about 4 × q's 1.3 MB; a dense bool mask alone would be N*N = 26 MB
+    assert extra < N * N // 4, f"triton attention used {extra} extra bytes (N*N = {N * N})"

@@ -342,7 +342,7 @@ def block_diffusion_attention(
         first_valid = layout.first_valid(q.device)
         pad = pad.to(torch.uint8)
         if pad.shape[0] != B:
-            pad, first_valid = pad.expand(B, -1), first_valid.expand(B)
+            pad, first_valid = pad.expand(B, -1), first_valid.expand(B).contiguous()
     o, _ = _bda_triton(
         q,
         k,
