@@ -14,9 +14,13 @@ import torch
 
 from slim_ops._backend import pick
 
-# torch backend tile: at most this many fp32 logits live at once (plus a few same-sized temporaries)
+# torch backend tile: at most this many fp32 logits live at once (plus a few same-sized temporaries);
+# CPU tiles stay cache-friendly, GPU tiles are large enough to keep the GEMMs efficient
 TORCH_TILE_ELEMS = 1 << 21
 TORCH_MAX_ROWS = 1024
+TORCH_TILE_ELEMS_CUDA = 1 << 25
+TORCH_MAX_ROWS_CUDA = 8192
+_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=fp32) for bf16/fp16 CUDA operands, when this torch has it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -26,14 +30,26 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with fp32 accumulation and an fp32 result, without upcasting a bf16/fp16 operand on CUDA."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and a.dtype == b.dtype:
-        return torch.mm(a, b, out_dtype=torch.float32)
+    if a.is_cuda and a.dtype == b.dtype and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE[0] = False
     return a.float() @ b.float()
 
 
-def _chunks(N: int, V: int) -> tuple[int, int]:
-    rc = max(1, min(N, TORCH_MAX_ROWS))
-    vc = max(256, TORCH_TILE_ELEMS // rc)
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, in place when the operands are fp32."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:
+        acc += _mm_f32(a, b)
+
+
+def _chunks(N: int, V: int, cuda: bool = False) -> tuple[int, int]:
+    elems, max_rows = (TORCH_TILE_ELEMS_CUDA, TORCH_MAX_ROWS_CUDA) if cuda else (TORCH_TILE_ELEMS, TORCH_MAX_ROWS)
+    rc = max(1, min(N, max_rows))
+    vc = max(256, elems // rc)
     return rc, min(vc, V)
 
 
@@ -46,14 +62,16 @@ def _masked_logprob_fwd_torch(hidden, weight, labels, temperature: float, with_e
     m = torch.full((N,), float("-inf"), device=dev)
     s = torch.zeros(N, device=dev)
     t = torch.zeros(N, device=dev)
-    rc, vc = _chunks(N, V)
+    rc, vc = _chunks(N, V, hidden.is_cuda)
     for v0 in range(0, V, vc):
         wct = weight[v0:v0 + vc].t()
         if not hidden.is_cuda and wct.dtype != torch.float32:
             wct = wct.float()  # upcast the chunk once for all row chunks
         for r0 in range(0, N, rc):
             r = slice(r0, r0 + rc)
-            z = _mm_f32(hidden[r], wct).mul_(inv_t)  # [rc, vc]
+            z = _mm_f32(hidden[r], wct)  # [rc, vc]
+            if inv_t != 1.0:
+                z.mul_(inv_t)
             m_old, s_old = m[r].clone(), s[r].clone()
             m_new = torch.maximum(m_old, z.max(1).values)
             alpha = torch.exp(m_old - m_new)
@@ -79,7 +97,7 @@ def _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperatur
     g = grad_logp.float() * inv_t
     dh = torch.zeros(N, d, dtype=torch.float32, device=hidden.device)
     dw = torch.empty_like(weight)
-    rc, vc = _chunks(N, V)
+    rc, vc = _chunks(N, V, hidden.is_cuda)
     hf = hidden if hidden.is_cuda else hidden.float()
     for v0 in range(0, V, vc):
         wc = weight[v0:v0 + vc]
@@ -88,15 +106,17 @@ def _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperatur
         dwc = torch.zeros(wc.shape[0], d, dtype=torch.float32, device=hidden.device)
         for r0 in range(0, N, rc):
             r = slice(r0, r0 + rc)
-            z = _mm_f32(hf[r], wc.t()).mul_(inv_t)
+            z = _mm_f32(hf[r], wc.t())
+            if inv_t != 1.0:
+                z.mul_(inv_t)
             dz = torch.exp(z.sub_(lse[r].unsqueeze(1))).mul_(-g[r].unsqueeze(1))  # [rc, vc]
             lab = labels[r] - v0
             hit = (lab >= 0) & (lab < wc.shape[0])
             dz.scatter_add_(1, lab.clamp(0, wc.shape[0] - 1).unsqueeze(1),
                             torch.where(hit, g[r], torch.zeros_like(g[r])).unsqueeze(1))
             dzc = dz.to(wc.dtype) if hidden.is_cuda else dz
-            dh[r] += _mm_f32(dzc, wc)
-            dwc += _mm_f32(dzc.t(), hf[r])
+            _addmm_f32_(dh[r], dzc, wc)
+            _addmm_f32_(dwc, dzc.t(), hf[r])
         dw[v0:v0 + vc] = dwc.to(weight.dtype)
     return dh.to(hidden.dtype), dw
 
