@@ -33,12 +33,21 @@ if MODE not in ("AUTO", "ON", "OFF"):
 
 
 def _cuda_home() -> Path | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return Path(home)
+    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, /usr/local/cuda, or where nvcc lives (wrappers allowed)."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return Path(nvcc).resolve().parent.parent
+        cands.append(str(Path(nvcc).resolve().parent.parent))
+        try:  # `nvcc --list-gpu-arch` is not needed; ask the driver script where it really is
+            out = subprocess.run([nvcc, "-v", "--version"], capture_output=True, text=True, timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if line.startswith("#$ TOP="):
+                    cands.append(line.split("=", 1)[1].strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for c in cands:
+        if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
+            return Path(c)
     return None
 
 

@@ -19,7 +19,7 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -28,7 +28,7 @@ def _has_triton() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_extension():
     """The compiled ``slim_ops._C`` module, or None when it was not built."""
     try:
