@@ -24,7 +24,7 @@ def _load(args) -> object:
     from slim_rl.config import load_config
 
     ov = list(args.overrides)
-    if args.out:
+    if args.out and args.cmd != "compare":  # compare: --out is the results folder, runs stay in train.out_dir
         ov.append(f"train.out_dir={args.out}")
     return load_config(args.config, ov)
 

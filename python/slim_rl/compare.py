@@ -38,23 +38,27 @@ def _git_sha() -> str:
 
 def run_compare(cfg: Config, *, seeds: list[int], out_dir: str, objectives=("slim", "tracerl"),
                 progress: bool = True, command: str = "") -> dict[str, Any]:
-    """Run every objective for every seed from a shared SFT model; write compare JSON + plot."""
+    """Run every objective for every seed from a shared SFT model; write compare JSON + plots to
+    ``out_dir`` (runs, checkpoints and metrics go under ``cfg.train.out_dir``). Both objectives get the
+    same number of RL steps (``train.time_limit_s`` is switched off so neither is cut short)."""
     from slim_rl.checkpoint import load_checkpoint, save_checkpoint
     from slim_rl.demo import prepare
     from slim_rl.trainer import Trainer, build_model
 
     os.makedirs(out_dir, exist_ok=True)
+    work = cfg.train.out_dir
     t_all = time.time()
     runs: dict[str, list[dict[str, Any]]] = {o: [] for o in objectives}
     for seed in seeds:
         base = apply_overrides(cfg, [f"train.seed={seed}", f"model.seed={seed}", "train.checkpoint_every=0",
-                                     f"train.out_dir={os.path.join(out_dir, f'work_seed{seed}', 'sft')}"])
+                                     "train.time_limit_s=0",
+                                     f"train.out_dir={os.path.join(work, f'seed{seed}', 'sft')}"])
         trainer, facts = prepare(base, progress=progress)
-        sft_ckpt = save_checkpoint(os.path.join(out_dir, f"work_seed{seed}", "sft_ckpt"), 0, trainer.model)
+        sft_ckpt = save_checkpoint(os.path.join(work, f"seed{seed}", "sft_ckpt"), 0, trainer.model)
         before = trainer.evaluate()["accuracy"]
         for obj in objectives:
             c = apply_overrides(copy.deepcopy(base), [
-                f"objective.name={obj}", f"train.out_dir={os.path.join(out_dir, f'work_seed{seed}', obj)}"])
+                f"objective.name={obj}", f"train.out_dir={os.path.join(work, f'seed{seed}', obj)}"])
             model = build_model(c, trainer.device)
             load_checkpoint(sft_ckpt, model, None, restore_rng=False)
             tr = Trainer(c, model=model, task=trainer.task, info=trainer.info)

@@ -127,8 +127,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
-    threads: int = 0                # torch intra-op threads (0 = leave as is)
-    time_limit_s: float = 0.0       # stop RL early after this many seconds (0 = no limit)
+    threads: int = 1                # torch intra-op threads (0 = leave as is; 1 suits the tiny demo model)
+    time_limit_s: float = 300.0     # stop RL early after this many seconds (0 = no limit)
     stop_after: int = 0             # testing: exit abruptly after this many steps (0 = off)
 
 

@@ -25,6 +25,13 @@ from slim_rl.trainer import Trainer, build_model
 __all__ = ["run_demo", "prepare"]
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def prepare(cfg: Config, *, resume: bool = False, progress: bool = True) -> tuple[Trainer, dict[str, Any]]:
     """Model + task + SFT stage (or the resumed checkpoint); returns the trainer and SFT facts."""
     info = D.init(cfg.dist.backend)
@@ -86,6 +93,7 @@ def run_demo(cfg: Config, *, resume: bool = False, progress: bool = True) -> dic
         "train_samples": trainer.counters["train_rows"],
         "rollouts": trainer.counters["rollouts"],
         "wall_seconds": wall,
+        "cpu_seconds": _cpu_seconds(),
         "sft_seconds": facts["sft_seconds"],
         "rl_seconds": rl_seconds,
         "objective": cfg.objective.name,
