@@ -32,12 +32,17 @@ never drained; at most one extra no-op forward per block).
 Metrics are recorded on the device per row and per *row step* (a row's own denoising steps, counted
 across blocks; steps in which the row's block was already complete are not counted): ``step_map``,
 ``commits``, ``ewc`` (expected wrong commits Σ_{j∈C}(1 − c_j)), ``nfe``.
+
+The module itself is callable: ``import slim_rl.generate; slim_rl.generate(model, prompts, ...)`` is
+:func:`generate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import types
 from collections.abc import Sequence
 
 import torch
@@ -559,3 +564,13 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
         block_size=K, steps_per_block=S,
         model_calls=counters["model_calls"], forward_tokens=counters["forward_tokens"],
     )
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``slim_rl.generate(model, prompts, ...)`` (the module) be called like the function."""
+
+    def __call__(self, *args, **kwargs) -> GenerateOutput:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -262,3 +262,14 @@ def test_slim_attention_layouts_equal_dense_masks(family):
             assert torch.equal(out.sequences[i], ref.sequences[i]), f"row {i} use_cache={use_cache}"
     with pytest.raises(ValueError, match="set_attn_implementation"):
         generate(dense_model, PROMPTS, attention="layout", **kw)
+
+
+def test_module_is_callable():
+    import slim_rl
+    import slim_rl.generate  # noqa: F401
+
+    model = _model("sdar", seed=11)
+    a = slim_rl.generate(model, PROMPTS[:2], block_size=4, max_new_tokens=4)
+    b = generate(model, PROMPTS[:2], block_size=4, max_new_tokens=4)
+    for x, y in zip(a.sequences, b.sequences, strict=True):
+        assert torch.equal(x, y)
