@@ -32,6 +32,7 @@ class ModelConfig:
     intermediate_size: int = 0      # 0 = 2·hidden
     seed: int = 0
     dtype: str = "float32"          # float32 | bfloat16
+    attention: str = "dense"        # dense: 4D mask + SDPA | slim: slim_ops block-diffusion attention (no N×N)
 
 
 @dataclass
@@ -175,6 +176,8 @@ class Config:
              f"got {self.optim.schedule!r}")
         need(self.dist.strategy in ("ddp", "fsdp"),
              f"dist.strategy must be ddp|fsdp, got {self.dist.strategy!r}")
+        need(self.model.attention in ("dense", "slim"), f"model.attention must be dense|slim, "
+             f"got {self.model.attention!r}")
         need(self.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32|bfloat16|"
              f"float16, got {self.model.dtype!r}")
         return self

@@ -43,6 +43,7 @@ from slim_rl.tasks import Example, make_task, pad_left
 
 __all__ = ["RolloutBatch", "Trainer", "build_model", "noisy_stream_hidden", "seeded"]
 
+_SLIM_ATTN = "slim_block_diffusion"  # slim_ops.integrations.hf.ATTN_NAME
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -67,6 +68,10 @@ def build_model(cfg: Config, device: str = "cpu") -> torch.nn.Module:
         model = models.tiny(mc.family, vocab_size=mc.vocab_size, seed=mc.seed, hidden_size=mc.hidden_size,
                             num_layers=mc.num_layers, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
                             intermediate_size=mc.intermediate_size or None, dtype=dtype)
+    if mc.attention == "slim":
+        from slim_ops.integrations import hf
+
+        model.set_attn_implementation(hf.register())
     return model.to(device)
 
 
@@ -87,18 +92,26 @@ def noisy_stream_hidden(model: torch.nn.Module, prompt: torch.Tensor, prompt_pad
         block_size: K (response blocks start at the prompt end).
     Returns:
         [R, L1, d]: row i scores noisy position i (the model's logit ``shift`` already applied).
+
+    Attention: a dense additive [R, 1, N, N] mask through the model's own attention (SDPA / eager), or,
+    for a model switched to ``slim_ops.integrations.hf`` (``model.attention=slim``), the layout itself.
     """
     R, L0 = prompt.shape
     L1 = clean.shape[1]
     layout = BlockLayout.train(L0, L1, block_size, prompt_pad=prompt_pad)
-    allowed = layout.dense_mask(device=prompt.device)
-    dtype = next(model.parameters()).dtype
-    attn = torch.zeros(allowed.shape, dtype=dtype, device=prompt.device)
-    attn.masked_fill_(~allowed, torch.finfo(dtype).min)
-    attn = attn[:, None].expand(R, 1, -1, -1)
     pos = layout.position_ids(device=prompt.device).expand(R, -1)
     ids = torch.cat([prompt, clean, noisy], dim=1)
-    out = _decoder(model)(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    if getattr(model.config, "_attn_implementation", None) == _SLIM_ATTN:
+        # slim_ops block-diffusion attention: the layout travels with the call, no N×N mask
+        out = _decoder(model)(input_ids=ids, position_ids=pos, block_layout=layout.to(prompt.device),
+                              use_cache=False)
+    else:
+        allowed = layout.dense_mask(device=prompt.device)
+        dtype = next(model.parameters()).dtype
+        attn = torch.zeros(allowed.shape, dtype=dtype, device=prompt.device)
+        attn.masked_fill_(~allowed, torch.finfo(dtype).min)
+        attn = attn[:, None].expand(R, 1, -1, -1)
+        out = _decoder(model)(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     h = out.last_hidden_state
     shift = int(getattr(model, "shift", 0))
     return h[:, L0 + L1 - shift:L0 + 2 * L1 - shift]

@@ -150,3 +150,26 @@ def test_cli_train_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["checkpoint"].endswith("step_00000002") and res["num_prompts"] == 16
+
+
+def test_dense_mask_and_slim_attention_paths_agree():
+    """The trainer's [P ‖ C ‖ X] forward gives the same hidden states with the dense 4D mask and with
+    slim_ops' block-diffusion attention (the HF integration), ragged prompts included."""
+    from slim_rl.config import load_config
+    from slim_rl.tasks import pad_left
+    from slim_rl.trainer import build_model, noisy_stream_hidden
+
+    cfg = load_config(None, ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+                             "model.num_kv_heads=1"])
+    dense = build_model(cfg)
+    slim = build_model(load_config(None, ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+                                          "model.num_kv_heads=1", "model.attention=slim"]))
+    g = torch.Generator().manual_seed(0)
+    prompt, ppad = pad_left([[1, 2, 3], [4, 5, 6, 7, 8], [9]], dense.pad_id)
+    clean = torch.randint(0, 12, (3, 6), generator=g)
+    noisy = torch.where(torch.rand(3, 6, generator=g) < 0.5, dense.mask_id, clean)
+    with torch.no_grad():
+        a = noisy_stream_hidden(dense, prompt, ppad, clean, noisy, 2)
+        b = noisy_stream_hidden(slim, prompt, ppad, clean, noisy, 2)
+    assert a.shape == (3, 6, 32)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
