@@ -86,14 +86,14 @@ def check_selection(out, block, mask_id, taus, ms, fls, strategy):
     assert not torch.any(commit & invalid), "invalid slots must never be committed"
 
 
-def greedy_expected(logits: torch.Tensor):
+def greedy_expected(logits: torch.Tensor, mask_id: int):
     """fp32 reference of SPEC §2.2 for T = 0, vectorised over slots: (tokens, confidence, invalid)."""
     z = logits.float()
     invalid = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(z).all(-1)
-    tok = torch.argmax(torch.nan_to_num(z, nan=-math.inf), dim=-1)  # first index among equal maxima
+    tok = torch.argmax(z, dim=-1)  # first index among equal maxima
     mx = z.max(-1, keepdim=True).values
     conf = 1.0 / torch.exp(z - mx).sum(-1)
-    return tok, torch.where(invalid, torch.nan, conf), invalid
+    return torch.where(invalid, mask_id, tok), torch.where(invalid, torch.nan, conf), invalid
 
 
 def sample_expected(logits: torch.Tensor, seed: torch.Tensor, temperature: float, rows_per_chunk: int = 8):
@@ -508,7 +508,7 @@ def test_gpu_greedy_real_vocab(R, K, dtype):
     tau32, bud, fl, taus, ms, fls = row_params(R, 0.9, 1.0, 1, device="cuda")
     seed = torch.zeros(1, dtype=torch.int64, device="cuda")
     out = cuda_step(logits, block, mask_id, tau32, bud, fl, seed, 0.0, 0)
-    tok, conf, _ = greedy_expected(logits)
+    tok, conf, _ = greedy_expected(logits, mask_id)
     assert torch.equal(out[2], tok), "greedy tokens differ from argmax (lowest index among equal maxima)"
     assert_close(out[3], conf, name="confidence")
     check_selection(out, block, mask_id, taus, ms, fls, "tau_budget")
@@ -548,7 +548,7 @@ def test_gpu_non_contiguous_and_misaligned_rows():
     seed = torch.zeros(1, dtype=torch.int64, device="cuda")
     for logits in views:
         out = cuda_step(logits, block, mask_id, tau32, bud, fl, seed, 0.0, 0)
-        tok, conf, _ = greedy_expected(logits)
+        tok, conf, _ = greedy_expected(logits, mask_id)
         assert torch.equal(out[2], tok)
         assert_close(out[3], conf, name="confidence")
         check_selection(out, block, mask_id, taus, ms, fls, "tau_budget")
@@ -671,7 +671,7 @@ def test_gpu_int64_offsets():
     seed = torch.zeros(1, dtype=torch.int64, device="cuda")
     out = cuda_step(logits, block, mask_id, tau32, bud, fl, seed, 0.0, 0)
     tail = slice(R - 4, R)
-    tok, conf, _ = greedy_expected(logits[tail])
+    tok, conf, _ = greedy_expected(logits[tail], mask_id)
     assert torch.equal(out[2][tail], tok)
     assert torch.all(out[2][-1] == 4242)
     assert_close(out[3][tail], conf, name="confidence (last rows)")
@@ -684,7 +684,10 @@ def test_gpu_select_spec_examples(c, masked, tau, m, f, strategy, expect):
     from slim_ops.ops.tau_budget.cuda import tau_budget_select_cuda
 
     conf = torch.tensor([c], dtype=torch.float32, device="cuda")
-    msk = torch.ones_like(conf, dtype=torch.bool) if masked is None else torch.tensor([masked], device="cuda")
+    if masked is None:
+        msk = torch.ones_like(conf, dtype=torch.bool)
+    else:
+        msk = torch.tensor([masked], dtype=torch.bool, device="cuda")
     tau32, bud, fl, *_ = row_params(1, tau, m, f, device="cuda")
     commit, num, risk = tau_budget_select_cuda(conf, msk, tau32, bud, fl, STRATEGY_IDS[strategy])
     assert set(commit[0].nonzero().flatten().tolist()) == expect
