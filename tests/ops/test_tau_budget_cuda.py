@@ -476,6 +476,20 @@ def test_emu_select_random_rows(emu):
             )
 
 
+@pytest.mark.parametrize("slots,vocab", [(4096, 151936), (1100, 151936), (64, 151936), (1, 262144), (16, 4096),
+                                         (131072, 8), (300, 1151)])
+def test_choose_splits(slots, vocab):
+    from slim_ops.ops.tau_budget.cuda import _MAX_SPLITS, _MIN_SPLIT, choose_splits
+
+    resident = 132 * 8
+    s = choose_splits(slots, vocab, resident)
+    assert 1 <= s <= _MAX_SPLITS and (s == 1 or vocab // s >= _MIN_SPLIT)
+    fill = lambda k: slots * k / resident / math.ceil(slots * k / resident)  # noqa: E731
+    limit = max(1, min(vocab // _MIN_SPLIT, _MAX_SPLITS))
+    assert fill(s) >= 0.9 or all(fill(k) <= fill(s) for k in range(1, limit + 1))
+    assert all(fill(k) < 0.9 for k in range(1, s)), "not the fewest splits that fill the last wave"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU: the real kernels (benchmarks/gpu_check.sh)
 # ------------------------------------------------------------------------------------------------------------

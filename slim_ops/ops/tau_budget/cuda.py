@@ -16,6 +16,7 @@ here only guard the raw-pointer contract.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -48,15 +49,33 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(slots: int, vocab: int, device: torch.device) -> int:
-    """V-splits per slot: enough blocks to fill every SM, each split still a few thousand elements."""
-    if slots <= 0 or vocab <= 0:
+@functools.lru_cache(maxsize=1024)
+def choose_splits(slots: int, vocab: int, resident_blocks: int) -> int:
+    """V-splits per slot for `slots` slots on a GPU holding `resident_blocks` slot blocks at once.
+
+    The fewest splits whose block count fills its last wave to >= 90% (waves = blocks / resident_blocks),
+    otherwise the split count with the fullest last wave; every split keeps >= _MIN_SPLIT elements and there
+    are at most _MAX_SPLITS. Small grids thus spread each slot over many SMs, and mid-size grids (e.g. 1100
+    slots on 1056 resident blocks) avoid a nearly empty second wave.
+    """
+    max_splits = max(1, min(vocab // _MIN_SPLIT, _MAX_SPLITS))
+    if slots <= 0 or resident_blocks <= 0:
         return 1
-    target = (
-        _num_sms(device.index if device.index is not None else torch.cuda.current_device()) * _BLOCKS_PER_SM
-    )
-    want = -(-target // slots)
-    return max(1, min(want, vocab // _MIN_SPLIT, _MAX_SPLITS))
+    best, best_fill = 1, 0.0
+    for s in range(1, max_splits + 1):
+        waves = slots * s / resident_blocks
+        fill = waves / math.ceil(waves)
+        if fill >= 0.9:
+            return s
+        if fill > best_fill:
+            best, best_fill = s, fill
+    return best
+
+
+def num_splits(slots: int, vocab: int, device: torch.device) -> int:
+    """V-splits per slot on `device` (see :func:`choose_splits`)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return choose_splits(slots, vocab, _num_sms(index) * _BLOCKS_PER_SM)
 
 
 def _row_param(x: torch.Tensor, R: int, dtype: torch.dtype, name: str, device: torch.device) -> torch.Tensor:
