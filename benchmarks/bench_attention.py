@@ -26,6 +26,7 @@ CPU; bf16 outputs within 3e-2 of the fp32 result on the GPU).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -155,8 +156,31 @@ def bench_cuda(args) -> dict:
     Hq, Hkv, D = args.Hq or 32, args.Hkv or 8, args.D or 128
     flex = torch.compile(flex_attention, dynamic=False)
     shapes = [((300, 256, 16), args.B or 4), ((1024, 1024, 16), args.B or 1), ((512, 2048, 4), args.B or 1)]
-    results = [_bench_cuda_shape(args, gen, flex, B, Hq, Hkv, D, L0, L1, K) for (L0, L1, K), B in shapes]
-    return {"meta": metadata(dev), "bench": "attention", "results": results}
+    if args.shapes:
+        shapes = [(tuple(int(x) for x in sh.split(",")), args.B or 1) for sh in args.shapes.split(";")]
+    payload = {"meta": metadata(dev), "bench": "attention", "results": []}
+    partial = os.path.join(args.out, "attention_cuda_inprogress.json")
+    os.makedirs(args.out, exist_ok=True)
+    for (L0, L1, K), B in shapes:
+        payload["results"].append(_bench_cuda_shape(args, gen, flex, B, Hq, Hkv, D, L0, L1, K))
+        _print_result(payload["meta"]["device"], payload["results"][-1])
+        with open(partial, "w") as f:  # survives a timeout of the whole run
+            json.dump(payload, f, indent=1)
+    os.remove(partial)
+    return payload
+
+
+def _print_result(device: str, res: dict) -> None:
+    s = res["shape"]
+    print(f"{device} L0={s['L0']} L1={s['L1']} K={s['K']} B={s['B']} N={s['N']} "
+          f"allowed={s['allowed_pairs']}/{s['dense_pairs']}")
+    for r in res["runs"]:
+        extra = f"  {r['tflops']:.3f} TFLOP/s" if "tflops" in r else ""
+        mem = f"  peak+{r['peak_extra_mb']:.0f} MB" if r.get("peak_extra_mb") is not None else ""
+        print(f"  {r['name']:<24} {r['median_ms']:9.3f} ms (p20 {r['p20_ms']:.3f}, "
+              f"p80 {r['p80_ms']:.3f}){extra}{mem}")
+    if "speedups" in res:
+        print("  speedups: " + ", ".join(f"{k}={v:.2f}x" for k, v in res["speedups"].items()))
 
 
 def _bench_cuda_shape(args, gen, flex, B, Hq, Hkv, D, L0, L1, K) -> dict:
@@ -225,20 +249,13 @@ def main() -> None:
     ap.add_argument("--Hkv", type=int, default=None)
     ap.add_argument("--D", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--shapes", default=None, help='GPU shapes "L0,L1,K;L0,L1,K" (default: the three of issue 3)')
     args = ap.parse_args()
     payload = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
     path = write_json(args.out, "attention", payload)
-    for res in payload["results"]:
-        s = res["shape"]
-        print(f"{payload['meta']['device']} L0={s['L0']} L1={s['L1']} K={s['K']} B={s['B']} N={s['N']} "
-              f"allowed={s['allowed_pairs']}/{s['dense_pairs']}")
-        for r in res["runs"]:
-            extra = f"  {r['tflops']:.3f} TFLOP/s" if "tflops" in r else ""
-            mem = f"  peak+{r['peak_extra_mb']:.0f} MB" if r.get("peak_extra_mb") is not None else ""
-            print(f"  {r['name']:<24} {r['median_ms']:9.3f} ms (p20 {r['p20_ms']:.3f}, "
-                  f"p80 {r['p80_ms']:.3f}){extra}{mem}")
-        if "speedups" in res:
-            print("  speedups: " + ", ".join(f"{k}={v:.2f}x" for k, v in res["speedups"].items()))
+    if args.device != "cuda":
+        for res in payload["results"]:
+            _print_result(payload["meta"]["device"], res)
     print(f"wrote {path}")
 
 
