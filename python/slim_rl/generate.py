@@ -9,11 +9,14 @@ attributes it reads):
   whole cache and bidirectionally to itself). The K/V appended by a denoising forward are cropped off
   again; when the block is complete one "save" forward appends its final K/V. With
   ``use_cache=False`` every step recomputes the whole prefix with the staircase layout instead (same
-  function, used to check the cache).
+  function, used to check the cache). The rows of a batch decode a block in lockstep (the cache
+  columns stay aligned): a block takes as many forwards as its slowest row needs.
 * **LLaDA / Dream**: no cache; every step runs the whole canvas ``[prompt ‖ L1 response slots]``
   with bidirectional attention (prompt pads hidden) and reads the K logit rows of the current block.
-  Dream's one-position shift is handled in one place, :func:`_logit_rows` (row ``j − shift`` scores
-  slot ``j``).
+  Dream's one-position shift is handled in one place (the logit rows read for the slots are
+  ``slots − shift``: row ``j − 1`` scores slot ``j``). Rows advance through their blocks independently
+  (one canvas forward per step for the whole batch, whatever block each row is in; a row's floor f_j
+  counts its own steps in its current block), so the batch needs max_r NFE_r forwards.
 
 Response blocks start at the prompt end (SPEC §3.5): block ``b`` holds response tokens
 ``[b·K, (b+1)·K)``; ``⌈max_new_tokens/K⌉`` blocks are decoded and the output is cut at
@@ -24,10 +27,10 @@ complete after ``S = steps_per_block`` steps).
 
 Batching: prompts of different lengths are left-padded (pad keys hidden, RoPE positions count only
 real tokens, so a batched row computes exactly what it computes alone). Everything inside a block
-stays on the device; the host looks at the device once per block (which rows produced EOS: those leave
-the batch, their cache rows are dropped) and, to stop a block early once every row is complete, at a
-flag one step old (on CUDA it waits for step ``j−1`` while step ``j`` is already queued, so the queue is
-never drained; at most one extra no-op forward per block).
+stays on the device; the host looks at the device once per block (SDAR) or once per S steps
+(LLaDA / Dream) to drop the rows that are finished (produced EOS; their cache rows go too) and, to stop
+early once every row is complete, at a flag one step old (on CUDA it waits for step ``j−1`` while step
+``j`` is already queued, so the queue is never drained; at most one extra no-op forward per stop).
 
 Metrics are recorded on the device per row and per *row step* (a row's own denoising steps, counted
 across blocks; steps in which the row's block was already complete are not counted): ``step_map``,
@@ -156,13 +159,6 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out[:, None]
 
 
-def _logit_rows(start: int, block_size: int, shift: int, device: torch.device) -> torch.Tensor:
-    """Canvas rows whose logits score slots [start, start+K): row j − shift scores slot j."""
-    if start - shift < 0:
-        raise ValueError("a shifted model needs at least one token before the first response slot")
-    return torch.arange(start - shift, start - shift + block_size, device=device)
-
-
 def _prompt_positions(prompt_pad: torch.Tensor) -> torch.Tensor:
     """int64 [B, L0]: RoPE positions of left-padded prompts (cumsum of real tokens − 1; pads get 1,
     as :meth:`slim_ops.BlockLayout.position_ids`; pad keys are never attended to)."""
@@ -221,11 +217,13 @@ def _accepts_logits_to_keep(model) -> bool:
 
 
 def _logits(model, ltk: bool, keep: int | torch.Tensor, **kwargs) -> torch.Tensor:
-    """Model logits for the kept positions only (`keep`: last-n int or 1D position tensor)."""
+    """Model logits for the kept positions only (`keep`: last-n int, [n] or per-row [B, n] positions)."""
     if ltk:
         return model(logits_to_keep=keep, **kwargs).logits
     logits = model(**kwargs).logits  # models without logits_to_keep: slice afterwards
-    return logits[:, -keep:] if isinstance(keep, int) else logits[:, keep]
+    if isinstance(keep, int):
+        return logits[:, -keep:]
+    return torch.take_along_dim(logits, keep[..., None], dim=1) if keep.dim() == 2 else logits[:, keep]
 
 
 class _LaggedFlag:
@@ -338,7 +336,7 @@ class _Recorder:
 
     def step(self, rows: torch.Tensor, cols: torch.Tensor, active: torch.Tensor, out) -> None:
         local = self.nfe[rows]  # [R] this step's row-step index
-        r2, c2 = rows[:, None], cols[None, :]
+        r2, c2 = rows[:, None], (cols if cols.dim() == 2 else cols[None, :])  # cols: [K] or [R, K]
         self.step_map[r2, c2] = torch.where(out.commit, local[:, None].to(torch.int32), self.step_map[r2, c2])
         self.conf[r2, c2] = torch.where(out.commit, out.confidence, self.conf[r2, c2])
         self.commits[rows, local] = out.num_committed.to(torch.int32)
@@ -346,12 +344,11 @@ class _Recorder:
         self.nfe[rows] = local + active.to(torch.int64)
 
 
-def _step(logits, block, info, j, S, K, kw):
+def _step(logits, block, info, floor, kw):
     import slim_ops
 
     # the mask token is never a prediction (a committed μ would leave its slot masked for good)
     logits[..., info["mask_id"]] = float("-inf")
-    floor = slim_ops.static_floor(K, S, j)
     return slim_ops.tau_budget_step(logits, block, info["mask_id"], floor=floor, **kw)
 
 
@@ -359,6 +356,8 @@ def _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_
     """Denoise one block for the active rows: up to S steps, each one forward + one decode step.
 
     ``forward(block, j) -> (logits [R, K, V], token positions processed)``."""
+    import slim_ops
+
     mask_id = info["mask_id"]
     flag = _LaggedFlag(block.device)
     for j in range(S):
@@ -368,7 +367,7 @@ def _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_
         logits, n_tok = forward(block, j)
         counters["model_calls"] += 1
         counters["forward_tokens"] += n_tok
-        out = _step(logits, block, info, j, S, K, kw)
+        out = _step(logits, block, info, slim_ops.static_floor(K, S, j), kw)
         rec.step(rows, cols, active, out)
         block = out.block
         flag.push((block == mask_id).any())
@@ -456,35 +455,48 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
                 rows, sel = rows[keep], sel[keep]
         return
 
-    # LLaDA / Dream: bidirectional over the whole canvas, no cache
+    # LLaDA / Dream: bidirectional over the whole canvas, no cache. Rows advance through their blocks
+    # independently (a row whose block is complete moves on at the next step; nothing is shared between
+    # rows but the forward call), so a step costs one canvas forward whatever each row's progress.
     canvas = torch.cat([prompt, torch.full((B, L1), mask_id, dtype=torch.int64, device=device)], dim=1)
-    allowed = _bidirectional_allowed(prompt_pad, L1)
-    pos_all = torch.cat([ppos, plen[:, None] + torch.arange(L1, device=device)[None, :]], dim=1)
-    for b in range(nb):
-        R = sel.numel()
-        cols = b * K + arK
-        start = L0 + b * K
-        keep_rows = _logit_rows(start, K, shift, device)
-        attn = attn_of.dense(allowed[sel])
-        pos = pos_all[sel]
-        cv = canvas[sel]
-
-        def forward(blk, j, attn=attn, pos=pos, cv=cv, start=start, keep_rows=keep_rows):
-            cv[:, start:start + K] = blk
-            logits = _logits(model, ltk, keep_rows, input_ids=cv, position_ids=pos, use_cache=False, **attn)
-            return logits, cv.numel()
-
-        block = torch.full((R, K), mask_id, dtype=torch.int64, device=device)
-        block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
-        canvas[sel, start:start + K] = block
-        rec.tokens[rows[:, None], cols[None, :]] = block
-        if b + 1 == nb:
-            break
-        keep = _retire(block, eos_id, rec, rows)
-        if keep is not None:
+    attn = attn_of.dense(_bidirectional_allowed(prompt_pad, L1))
+    pos = torch.cat([ppos, plen[:, None] + torch.arange(L1, device=device)[None, :]], dim=1)
+    bidx = torch.zeros(B, dtype=torch.int64, device=device)  # current block of each row
+    jstep = torch.zeros(B, dtype=torch.int64, device=device)  # step inside that block
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    flag = _LaggedFlag(device)
+    mod = K % S
+    for t in range(nb * S):
+        if t and t % S == 0:  # once per S steps (the block period): finished rows leave the batch
+            keep = (~done).nonzero()[:, 0]
             if keep.numel() == 0:
-                return
-            rows, sel = rows[keep], sel[keep]
+                break
+            if keep.numel() < rows.numel():
+                rows, canvas, pos = rows[keep], canvas[keep], pos[keep]
+                attn = {name: m[keep] for name, m in attn.items()}
+                bidx, jstep, done = bidx[keep], jstep[keep], done[keep]
+        elif early_exit and flag.done():
+            break
+        # [R, K] response slots of each row's block (a finished row re-reads its last, complete block,
+        # so nothing is committed for it)
+        cols = (bidx - done.to(torch.int64)).clamp(max=nb - 1)[:, None] * K + arK[None, :]
+        slots = L0 + cols
+        block = canvas.gather(1, slots)
+        active = ~done
+        logits = _logits(model, ltk, slots - shift, input_ids=canvas, position_ids=pos, use_cache=False, **attn)
+        counters["model_calls"] += 1
+        counters["forward_tokens"] += canvas.numel()
+        floor = K // S + (jstep < mod).to(torch.int64)  # static floor f_j per row (SPEC §2.1)
+        out = _step(logits, block, info, floor, kw)
+        canvas.scatter_(1, slots, out.block)
+        rec.tokens[rows[:, None], cols] = out.block
+        rec.step(rows, cols, active, out)
+        complete = active & ~(out.block == mask_id).any(dim=1)
+        rec.finished[rows] |= complete & (out.block == eos_id).any(dim=1)
+        bidx = bidx + complete.to(torch.int64)
+        jstep = torch.where(complete, 0, jstep + 1)
+        done = done | rec.finished[rows] | (bidx >= nb)
+        flag.push((~done).any())
 
 
 def _retire(block: torch.Tensor, eos_id: int, rec: _Recorder, rows: torch.Tensor) -> torch.Tensor | None:
