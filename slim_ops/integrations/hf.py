@@ -10,7 +10,7 @@ Call pattern (the layout travels with each forward call)::
     import slim_ops
     from slim_ops.integrations import hf
 
-    model.set_attn_implementation(hf.register())   # or from_pretrained(..., attn_implementation=hf.register())
+    model.set_attn_implementation(hf.register())  # or from_pretrained(..., attn_implementation=hf.register())
     layout = slim_ops.BlockLayout.train(L0, L1, 16, prompt_pad=ids[:, :L0] == pad_id)
     out = model(input_ids=ids,                            # [B, L0 + 2·L1] = [prompt ‖ clean ‖ noisy]
                 position_ids=layout.position_ids(),       # SPEC §3.3 positions (noisy reuses clean)
@@ -24,7 +24,9 @@ Call pattern (the layout travels with each forward call)::
     out = model(input_ids=block_ids, past_key_values=cache, position_ids=pos,
                 block_layout=slim_ops.BlockLayout.decode(cache_len, K))
 
-Precomputed dense masks are accepted too: with no layout, a 4-D ``attention_mask`` (bool [B|1, 1|H, Lq, Lk],
+A 2-D padding ``attention_mask`` is not used with a layout (transformers drops it for this attention
+function): prompt pads belong in the layout (``prompt_pad`` / ``cache_pad``). Precomputed dense masks are
+accepted too: with no layout, a 4-D ``attention_mask`` (bool [B|1, 1|H, Lq, Lk],
 True = attend, or additive float) is handed to SDPA unchanged, which is exactly what the reference
 trainer does. ``block_backend="torch" | "triton"`` (kwarg or :func:`block_layout` argument) forces a
 slim_ops backend; the default picks the fastest for the tensors' device.
