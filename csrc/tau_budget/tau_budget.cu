@@ -20,9 +20,8 @@ constexpr int kSlotThreads = 256;
 constexpr int kSlotWarps = kSlotThreads / 32;
 constexpr int kRowThreads = kTauBudgetMaxK;
 constexpr float kLog2e = 1.4426950408889634f;
-// Every u < 1 the RNG can produce (u <= 1 - 2^-23) gives g = -log(-log u) < 16, so z/T + 17 bounds the
-// score and the two logarithms are skipped for elements that cannot win. u == 1 (g = +inf) is tested on the
-// RNG bits.
+// Every u the RNG can produce lies in [2^-24, 1 - 2^-24], so g = -log(-log u) < 16.7 and z/T + 17 bounds the
+// score: the two logarithms are skipped for elements that cannot win.
 constexpr float kGumbelBound = 17.0f;
 
 enum Mode { kGreedy = 0, kSampleDiv = 1, kSampleMul = 2 };
@@ -98,10 +97,8 @@ TB_HD uint32_t mix32(uint32_t x) {
 
 TB_HD uint32_t rng_bits(uint32_t key, uint32_t v) { return mix32(key + v * 0x9E3779B9u); }
 
-// u = ((bits >> 8) + 0.5) * 2^-24 with fp32 rounding, exactly as the reference computes it. The sum rounds to
-// 2^24 (u = 1, g = +inf) exactly when bits >> 8 == 2^24 - 1, i.e. bits >= kBitsUnitU.
-TB_HD float rng_uniform(uint32_t bits) { return mul_rn(add_rn(static_cast<float>(bits >> 8), 0.5f), 0x1p-24f); }
-constexpr uint32_t kBitsUnitU = 0xFFFFFF00u;
+// u = ((bits >> 9) + 0.5) * 2^-23, exact in fp32 (23 + 1 significant bits), as the reference computes it.
+TB_HD float rng_uniform(uint32_t bits) { return mul_rn(add_rn(static_cast<float>(bits >> 9), 0.5f), 0x1p-23f); }
 
 // Running state of one thread / warp / block over part of a slot's logits: max m and Σexp(z/T − m) (NaN
 // once a NaN or +inf logit was seen), best score with its index and z/T, and `bad` for a NaN seen while the
@@ -167,7 +164,7 @@ TB_HD void sample_chunk(SlotState& st, const float (&z)[N], int i0, float t, flo
 #pragma unroll
   for (int e = 0; e < N; ++e) {
     const uint32_t bits = rng_bits(key, static_cast<uint32_t>(i0 + e));
-    if (bits >= kBitsUnitU || add_rn(zt[e], kGumbelBound) > st.score) {
+    if (add_rn(zt[e], kGumbelBound) > st.score) {
       const float u = rng_uniform(bits);
       const float g = -log_f(-log_f(u));
       const float sc = add_rn(zt[e], g);

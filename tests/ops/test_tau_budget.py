@@ -310,6 +310,17 @@ def test_sampling_reproducible_and_same_stream_across_backends():
     assert torch.equal(ref[2], (logits / 1.3 + g).argmax(-1))
 
 
+def test_uniform_is_strictly_inside_unit_interval():
+    from slim_ops.ops.tau_budget.reference import mix32
+
+    assert int(mix32(torch.tensor([0xFFFFFFFF]))) >= 0
+    bits = torch.tensor([0, 1, 511, 512, 0xFFFFFDFF, 0xFFFFFE00, 0xFFFFFFFF], dtype=torch.int64)
+    u = ((bits >> 9).to(torch.float32) + 0.5) * (2.0**-23)
+    assert (u > 0).all() and (u < 1).all()
+    g = gumbel_noise(torch.tensor([16053]), torch.arange(4), 1 << 16)
+    assert torch.isfinite(g).all() and g.max() < 17.0
+
+
 def test_gumbel_noise_is_uniform_and_independent():
     g = gumbel_noise(torch.tensor([42]), torch.arange(64), 4096)
     u = torch.exp(-torch.exp(-g)).flatten().double()

@@ -7,8 +7,8 @@ Counter-based RNG (shared bit-for-bit by every backend, so a seed reproduces the
     seed        = one int64 drawn from the caller's torch.Generator per call; lo/hi = its two 32-bit halves
     key(slot)   = mix32(hi ^ mix32(lo + slot))            slot = r*K + j
     bits(slot,v)= mix32(key(slot) + v * 0x9E3779B9)         (mod 2^32)
-    u           = ((bits >> 8) + 0.5) * 2^-24                in (0, 1), exact in fp32
-    g           = -log(-log(u))                              standard Gumbel
+    u           = ((bits >> 9) + 0.5) * 2^-23                in [2^-24, 1 - 2^-24], exact in fp32
+    g           = -log(-log(u))                              standard Gumbel, |g| < 17
     x0          = argmax_v (z_v / T + g_v)                   lowest index among equal scores
 This is Gumbel-max sampling: x0 ~ Categorical(softmax(z / T)).
 
@@ -43,7 +43,7 @@ def gumbel_noise(seed: torch.Tensor, slots: torch.Tensor, vocab: int) -> torch.T
     key = mix32(hi ^ mix32(lo + slots.to(torch.int64)))  # [n]
     v = torch.arange(vocab, dtype=torch.int64, device=slots.device)
     bits = mix32(key[:, None] + ((v * 0x9E3779B9) & _M32)[None, :])
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    u = ((bits >> 9).to(torch.float32) + 0.5) * (2.0**-23)
     return -torch.log(-torch.log(u))
 
 

@@ -60,7 +60,7 @@ def _tau_budget_confidence_kernel(
             score = b_z
         else:
             bits = _mix32(key + o.to(tl.uint32) * 0x9E3779B9)
-            u = ((bits >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+            u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
             score = b_z - tl.log(-tl.log(u))
         upd = score > b_best
         b_best = tl.where(upd, score, b_best)
