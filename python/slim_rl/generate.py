@@ -74,7 +74,7 @@ class GenerateOutput:
         commits: int32 [B, S_max] |C| at each row step (0 past the row's last step), S_max = nb·S.
         ewc: fp32 [B, S_max] Σ_{j∈C}(1 − c_j) at each row step.
         nfe: int64 [B] denoising forwards each row took (= its number of row steps).
-        finished: bool [B] the row produced EOS.
+        finished: bool [B] the row produced EOS within its first ``max_new_tokens`` tokens.
         prompt_lengths: int64 [B].
     Totals:
         model_calls: batched forward passes run (prefill, denoising steps and cache-save passes).
@@ -560,12 +560,10 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
     tokens = rec.tokens.cpu()
     step_map = rec.step_map.cpu()
     conf = rec.conf.cpu()
-    finished = rec.finished.cpu() | (tokens == info["eos_id"]).any(dim=1)
-    # response length per row: through the first EOS, at most max_new_tokens
-    L1 = tokens.shape[1]
-    is_eos = tokens == info["eos_id"]
-    first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, L1)
-    lengths = first.clamp(max=max_new_tokens).tolist()
+    # response length per row: through the first EOS, at most max_new_tokens; finished = EOS within it
+    is_eos = tokens[:, :max_new_tokens] == info["eos_id"]
+    finished = is_eos.any(dim=1)
+    lengths = torch.where(finished, is_eos.int().argmax(dim=1) + 1, max_new_tokens).tolist()
     return GenerateOutput(
         sequences=[tokens[i, :n].clone() for i, n in enumerate(lengths)],
         step_map=[step_map[i, :n].clone() for i, n in enumerate(lengths)],

@@ -275,3 +275,29 @@ def test_module_is_callable():
     b = generate(model, PROMPTS[:2], block_size=4, max_new_tokens=4)
     for x, y in zip(a.sequences, b.sequences, strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eos_past_max_new_tokens_is_not_finished(family):
+    """EOS decoded in the last block but after max_new_tokens: the response is cut, not finished."""
+    found = None
+    for seed in range(12, 20):  # deterministic search: a prompt whose response emits EOS at slot 6 or 7 only
+        base = generate(_model(family, seed=seed), PROMPTS, block_size=4, max_new_tokens=6).tokens
+        for r, slot in ((r, slot) for r in range(len(PROMPTS)) for slot in (6, 7)):
+            tok = int(base[r, slot])
+            if bool((base[r, :6] == tok).any()):
+                continue
+            model = _model(family, seed=seed)
+            w = model.get_output_embeddings().weight.data
+            w[[tok, model.eos_id]] = w[[model.eos_id, tok]]
+            out = generate(model, [PROMPTS[r]], block_size=4, max_new_tokens=6)
+            eos = out.tokens[0] == model.eos_id
+            if bool(eos[6:].any()) and not bool(eos[:6].any()):
+                found = (model, out, r)
+                break
+        if found:
+            break
+    assert found is not None, "no test model emits EOS only past max_new_tokens"
+    model, out, r = found
+    assert len(out.sequences[0]) == 6 and not out.finished[0]
+    _check_consistent(model, out, [PROMPTS[r]], block_size=4, max_new_tokens=6, steps=4)
