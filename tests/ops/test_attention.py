@@ -275,8 +275,8 @@ def test_validation_messages():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("L0,L1,K", [(300, 256, 16), (1024, 1024, 16), (512, 2048, 4), (37, 301, 7)])
-@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("L0,L1,K,D", [(300, 256, 16, 128), (1024, 1024, 16, 128), (512, 2048, 4, 128),
+                                       (37, 301, 7, 64)])
 def test_gpu_triton_bf16_real_sizes(L0, L1, K, D):
     dev = "cuda"
     B = 2
