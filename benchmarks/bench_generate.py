@@ -200,6 +200,32 @@ GPU_CFG = dict(vocab=151936, hidden=2560, layers=4, heads=32, kv_heads=8, head_d
                prompt_max=128, tau=0.9)
 
 
+def run_families(cfg, device, repeats):
+    """Engine only, τ-budget, greedy: the LLaDA- and Dream-shaped variants of the same tiny model (whole
+    canvas every step; rows move through their blocks independently: max_r NFE_r forwards a batch)."""
+    prompts = _prompts(cfg["batch"], cfg["vocab"], cfg["prompt_min"], cfg["prompt_max"], seed=1)
+    gen_kw = dict(block_size=cfg["block"], max_new_tokens=cfg["new_tokens"], tau=cfg["tau"])
+    rows = []
+    for family in ("llada", "dream"):
+        model = tiny(family, vocab_size=cfg["vocab"], seed=0, hidden_size=cfg["hidden"], num_layers=cfg["layers"],
+                     num_heads=cfg["heads"], num_kv_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
+                     intermediate_size=cfg["mlp"], head_std=cfg["head_std"], dtype=cfg["dtype"], device=device)
+        out = generate(model, prompts, **gen_kw)
+        if any((s == model.mask_id).any() for s in out.sequences):
+            raise SystemExit(f"correctness gate failed ({family}): mask token in the output")
+        t = _time(lambda m=model: generate(m, prompts, **gen_kw), device, repeats)
+        met = out.metrics()
+        rows.append({"family": family, "strategy": "tau_budget",
+                     "engine": {**t, "tokens": out.num_generated, "tokens_per_s": out.num_generated / t["median_s"],
+                                "model_calls": out.model_calls, "max_row_nfe": int(out.nfe.max())},
+                     "nfe_per_token": met["nfe_per_token"], "tokens_per_forward": met["tokens_per_forward"],
+                     "mean_ewc": met["mean_ewc"]})
+        print(f"{family:>10}: engine {rows[-1]['engine']['tokens_per_s']:9.1f} tok/s  "
+              f"NFE/token {met['nfe_per_token']:.3f}  model calls {out.model_calls} "
+              f"(max row NFE {int(out.nfe.max())})", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -220,6 +246,7 @@ def main(argv=None):
     loop_repeats = 3 if device.type == "cpu" else 2
     print(f"bench_generate on {device.type.upper()}: {cfg}", flush=True)
     res = run(cfg, device, repeats, loop_repeats, loop_rows)
+    fam = run_families(cfg, device, repeats) if device.type == "cpu" else []
     dev_name = (torch.cuda.get_device_name() if device.type == "cuda"
                 else f"CPU ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)")
     import transformers
@@ -238,6 +265,7 @@ def main(argv=None):
                            "timed on `rows` prompts",
         },
         "results": res,
+        "other_families": fam,
     }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench_generate_{device.type}_{time.strftime('%Y%m%dT%H%M%S')}.json")
