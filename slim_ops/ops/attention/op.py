@@ -20,6 +20,7 @@ Registered ops (the layout travels as its integers plus the optional pad bitmap)
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -297,8 +298,8 @@ def block_diffusion_attention(
             pad bitmap, if any, has 1 or B rows.
         scale: softmax scale, default 1/sqrt(D).
         backend: "torch" (fp32 SDPA with the dense mask, chunked over queries; any D ≤ 256), "triton"
-            (flash forward/backward, no mask tensor; D ∈ {16, 32, 64, 128}; CUDA tensors, or CPU tensors
-            under TRITON_INTERPRET=1) or None = auto (triton on CUDA, torch on CPU).
+            (flash forward/backward, no mask tensor; D ∈ {64, 128} on GPUs; CUDA tensors, or CPU tensors
+            under TRITON_INTERPRET=1) or None = auto (triton on CUDA when D ∈ {64, 128}, else torch).
 
     Returns:
         o: [B, Hq, Lq, D] in q's dtype (contiguous),
@@ -312,6 +313,11 @@ def block_diffusion_attention(
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"block_diffusion_attention: scale must be a positive finite float, got {scale}")
     name = pick(_OP, q.device, backend, supported=_BACKENDS)
+    if name == "triton" and backend is None and not os.environ.get("SLIM_OPS_BACKEND"):
+        from slim_ops.ops.attention.triton import supported_head_dims
+
+        if D not in supported_head_dims():  # auto: head dims the kernels are not built for use the reference
+            name = "torch"
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     layout = layout.to(q.device)
     pad = layout.prompt_pad
@@ -330,11 +336,11 @@ def block_diffusion_attention(
             layout.q_start,
             scale,
         )
-    from slim_ops.ops.attention.triton import SUPPORTED_D
+    from slim_ops.ops.attention.triton import supported_head_dims
 
-    if D not in SUPPORTED_D:
+    if D not in supported_head_dims():
         raise ValueError(
-            f"block_diffusion_attention: the triton backend supports head dims {SUPPORTED_D}, "
+            f"block_diffusion_attention: the triton backend supports head dims {supported_head_dims()}, "
             f"got D={D}; use backend='torch' for other sizes"
         )
     first_valid = None
