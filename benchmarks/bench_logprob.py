@@ -10,8 +10,9 @@ methods do 8·N·V·d. TFLOP/s below always divide 6·N·V·d by the time (usefu
 logprob_from_logits (GPU): bytes = N·V·2 (fwd: one read of bf16 logits), 3·N·V·2 (fwd+bwd: two reads, one
 write); GB/s = bytes / time.  policy loss: B·L fp32 inputs, tiny; reported as latency.
 
-Peak memory: CPU = peak RSS of a fresh process above its RSS once the inputs exist (``--memory``, one
-child process per method); GPU = torch.cuda.max_memory_allocated above the allocation before the call.
+Peak memory: CPU = peak RSS of a fresh process above its RSS once the inputs exist and the method ran once
+on tiny inputs (imports, allocator set-up), one child process per method; GPU = torch.cuda.max_memory_allocated
+above the allocation before the call.
 Correctness gate: every method's log-probs are checked against the fp32 reference on a row slice first.
 
   python benchmarks/bench_logprob.py --device cpu  --out benchmarks/results   (N=4096, d=256, V=151936 fp32)
@@ -84,9 +85,10 @@ def _rss_bytes() -> int:
 
 def memory_child(args) -> None:
     """Runs in a fresh process: peak RSS of fwd+bwd above the RSS with the inputs allocated."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    h, w, y, up = make_inputs(args.N, args.d, args.V, DTYPES[args.dtype], "cpu")
     fn = method_fn(args.memory_child)
+    # warm-up on tiny inputs first: module imports and allocator set-up are not the op's memory
+    fwd_bwd(fn, *make_inputs(4, args.d, 512, DTYPES[args.dtype], "cpu"))
+    h, w, y, up = make_inputs(args.N, args.d, args.V, DTYPES[args.dtype], "cpu")
     base = _rss_bytes()
     times = []
     for _ in range(args.reps):
