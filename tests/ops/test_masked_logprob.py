@@ -233,3 +233,39 @@ def test_gpu_logprob_from_logits(backend):
     assert_close(lp, lr, name="logp")
     assert_close(ent, er, name="entropy")
     assert_close(lg.grad.float(), lf.grad, dtype=torch.bfloat16, name="dlogits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    # strided rows of logits (a vocabulary slice of a padded buffer), transposed LM head, strided hidden
+    N, d, V = 6, 16, 300
+    g = torch.Generator().manual_seed(8)
+    padded = torch.randn(N, V + 17, generator=g)
+    logits = padded[:, :V]
+    y = torch.randint(0, V, (N,), generator=g)
+    lg = logits.clone().requires_grad_()
+    lp = slim_ops.logprob_from_logits(logits.requires_grad_(), y, backend=backend)
+    lr = slim_ops.logprob_from_logits(lg, y, backend="torch")
+    assert_close(lp, lr, name="strided logits")
+    lp.sum().backward()
+    lr.sum().backward()
+    assert_close(logits.grad, lg.grad, name="strided dlogits")
+    h = torch.randn(N, 2 * d, generator=g)[:, ::2]
+    w = torch.randn(d, V, generator=g).t()
+    got = slim_ops.masked_logprob(h, w, y, backend=backend)
+    assert_close(got, masked_logprob_ref(h, w, y)[0], name="strided hidden / transposed weight")
+
+
+def test_masked_logprob_under_torch_compile():
+    h, w, y, up = _inputs(5, 16, 70, torch.float32)
+
+    def f(hh, ww):
+        return slim_ops.masked_logprob(hh, ww, y, backend="torch")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    (f(h1, w1) * up).sum().backward()
+    (compiled(h2, w2) * up).sum().backward()
+    assert_close(h2.grad, h1.grad)
+    assert_close(w2.grad, w1.grad)

@@ -359,3 +359,19 @@ def test_gpu_triton_matches_independent(level):
     assert_close(lp.grad, lp64.grad, name="dL/dlogp")
     for k, v in exp_m.items():
         assert_close(m[k], v, name=k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    logp, old, mask, adv, w = _random_case(B=6, L=11, seed=12)
+    lp_t = logp.t().contiguous().t()  # same values, column-major strides
+    old_t = old.t().contiguous().t()
+    mask_t = mask.t().contiguous().t()
+    lp = lp_t.detach().requires_grad_()
+    loss, _ = slim_ops.slim_policy_loss(lp, old_t, mask_t, adv, w, level="block", block_size=4, backend=backend)
+    loss.backward()
+    lr = logp.clone().requires_grad_()
+    ref, _ = slim_policy_loss_ref(lr, old, mask, adv, w, level="block", block_size=4)
+    ref.backward()
+    assert_close(loss, ref)
+    assert_close(lp.grad, lr.grad)

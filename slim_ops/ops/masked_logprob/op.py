@@ -350,6 +350,8 @@ def logprob_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, temperatu
     _check_labels(op, labels, logits.shape[0], logits.shape[1], logits.device)
     temperature = _check_temperature(op, temperature)
     be = pick(op, logits.device, backend, supported=("torch", "triton", "cuda"))
-    logp, _, ent = _logprob_from_logits_fwd(logits.contiguous(), labels.long().contiguous(), temperature,
+    if logits.stride(1) != 1:  # rows may be strided (e.g. a vocabulary slice of padded logits); columns not
+        logits = logits.contiguous()
+    logp, _, ent = _logprob_from_logits_fwd(logits, labels.long().contiguous(), temperature,
                                             bool(return_entropy), be)
     return (logp, ent) if return_entropy else logp
