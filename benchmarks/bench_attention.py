@@ -95,7 +95,8 @@ def _record(name: str, t: dict, flops: float | None, device: str, extra: dict | 
 
 def bench_cpu(args) -> dict:
     dev = "cpu"
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     B, Hq, Hkv, D = args.B or 1, args.Hq or 8, args.Hkv or 2, args.D or 64
     results = [_bench_cpu_shape(args, gen, B, Hq, Hkv, D, L0, L1, K) for L0, L1, K in [(300, 256, 16)]]
@@ -249,6 +250,8 @@ def main() -> None:
     ap.add_argument("--Hkv", type=int, default=None)
     ap.add_argument("--D", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU intra-op threads (1 = stable timings on a shared machine; 0 = torch default)")
     ap.add_argument("--shapes", default=None, help='GPU shapes "L0,L1,K;L0,L1,K" (default: the three of issue 3)')
     args = ap.parse_args()
     payload = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)

@@ -105,14 +105,15 @@ def attention_bwd_chunked(
     for r0 in range(0, Lq, step):
         r1 = min(Lq, r0 + step)
         r = r1 - r0
-        qc = q[:, :, r0:r1].float().reshape(B, Hkv, G, r, D)
-        doc = do[:, :, r0:r1].float().reshape(B, Hkv, G, r, D)
+        # the G query heads of one KV head are stacked along rows: [B, Hkv, G·r, D]
+        qc = q[:, :, r0:r1].float().reshape(B, Hkv, G * r, D)
+        doc = do[:, :, r0:r1].float().reshape(B, Hkv, G * r, D)
         mask = layout.dense_mask(q.device, rows=(r0, r1))[:, None, None]  # [B or 1, 1, 1, r, Lk]
-        s = torch.einsum("bhgrd,bhkd->bhgrk", qc, kf) * scale
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-        dv += torch.einsum("bhgrk,bhgrd->bhkd", p, doc)
-        dp = torch.einsum("bhgrd,bhkd->bhgrk", doc, vf)
+        s = torch.matmul(qc, kf.transpose(-1, -2)).view(B, Hkv, G, r, Lk) * scale
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).view(B, Hkv, G * r, Lk)
+        dv += torch.matmul(p.transpose(-1, -2), doc)
+        dp = torch.matmul(doc, vf.transpose(-1, -2))  # [B, Hkv, G·r, Lk]
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-        dq[:, :, r0:r1] = (torch.einsum("bhgrk,bhkd->bhgrd", ds, kf) * scale).reshape(B, Hq, r, D).to(q.dtype)
-        dk += torch.einsum("bhgrk,bhgrd->bhkd", ds, qc) * scale
+        dq[:, :, r0:r1] = (torch.matmul(ds, kf) * scale).view(B, Hq, r, D).to(q.dtype)
+        dk += torch.matmul(ds.transpose(-1, -2), qc) * scale
     return dq, dk.to(k.dtype), dv.to(v.dtype)
