@@ -339,3 +339,21 @@ def test_gpu_peak_memory_is_linear():
     extra = torch.cuda.max_memory_allocated() - base
     # o, dq, dk, dv, lse, Δ: about 4 × q's 1.3 MB; a dense bool mask alone would be N*N = 26 MB
     assert extra < N * N // 4, f"triton attention used {extra} extra bytes (N*N = {N * N})"
+
+
+@pytest.mark.gpu
+def test_gpu_triton_op_compile_and_opcheck():
+    lay = BlockLayout.train(37, 70, 16, prompt_pad=_left_pad(2, 37, 4).cuda())
+    q, k, v, do = (t.cuda() for t in _inputs(2, 4, 2, lay.num_queries, lay.num_keys, 64, seed=8))
+
+    def f(a, b, c):
+        return block_diffusion_attention(a, b, c, lay, backend="triton") * 2.0
+
+    exp = _fwd_bwd(f, q, k, v, do)
+    got = _fwd_bwd(torch.compile(f, fullgraph=True), q, k, v, do)
+    for name, g, e in zip(("o", "dq", "dk", "dv"), got, exp):
+        assert_close(g, e, name=name, **FP32_TOL)
+    pad, fv = lay.prompt_pad.to(torch.uint8), lay.first_valid()
+    torch.library.opcheck(torch.ops.slim_ops.block_diffusion_attention_triton.default,
+                          (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), pad, fv,
+                           37, 70, 16, 0, 0.125))
