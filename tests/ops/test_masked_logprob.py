@@ -269,3 +269,16 @@ def test_masked_logprob_under_torch_compile():
     (compiled(h2, w2) * up).sum().backward()
     assert_close(h2.grad, h1.grad)
     assert_close(w2.grad, w1.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_or_frozen_hidden(backend):
+    # only the gradients that are asked for are computed (and they are the same)
+    h, w, y, up = _inputs(7, 16, 130, torch.float32)
+    hh = h.clone().requires_grad_()
+    (slim_ops.masked_logprob(hh, w, y, backend=backend) * up).sum().backward()
+    ww = w.clone().requires_grad_()
+    (slim_ops.masked_logprob(h, ww, y, backend=backend) * up).sum().backward()
+    _, _, dh, dw = _fp64_reference(h, w, y, up, 1.0)
+    assert_close(hh.grad, dh, name="dhidden with a frozen head")
+    assert_close(ww.grad, dw, name="dweight with frozen hidden states")

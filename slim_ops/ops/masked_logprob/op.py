@@ -89,21 +89,23 @@ def _masked_logprob_fwd_torch(hidden, weight, labels, temperature: float, with_e
     return logp, lse, ent
 
 
-def _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperature: float):
-    """dz = g·(onehot − softmax)/T recomputed per tile; dW written once per vocabulary chunk."""
+def _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperature: float, need_dh: bool = True,
+                              need_dw: bool = True):
+    """dz = g·(onehot − softmax)/T recomputed per tile; dW written once per vocabulary chunk. A gradient
+    that is not needed comes back as an empty tensor and its GEMM is skipped."""
     N, d = hidden.shape
     V = weight.shape[0]
     inv_t = 1.0 / temperature
     g = grad_logp.float() * inv_t
-    dh = torch.zeros(N, d, dtype=torch.float32, device=hidden.device)
-    dw = torch.empty_like(weight)
+    dh = torch.zeros(N if need_dh else 0, d, dtype=torch.float32, device=hidden.device)
+    dw = torch.empty_like(weight) if need_dw else weight.new_empty((0, d))
     rc, vc = _chunks(N, V, hidden.is_cuda)
     hf = hidden if hidden.is_cuda else hidden.float()
     for v0 in range(0, V, vc):
         wc = weight[v0:v0 + vc]
         if not hidden.is_cuda and wc.dtype != torch.float32:
             wc = wc.float()
-        dwc = torch.zeros(wc.shape[0], d, dtype=torch.float32, device=hidden.device)
+        dwc = torch.zeros(wc.shape[0] if need_dw else 0, d, dtype=torch.float32, device=hidden.device)
         for r0 in range(0, N, rc):
             r = slice(r0, r0 + rc)
             z = _mm_f32(hf[r], wc.t())
@@ -115,9 +117,12 @@ def _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperatur
             dz.scatter_add_(1, lab.clamp(0, wc.shape[0] - 1).unsqueeze(1),
                             torch.where(hit, g[r], torch.zeros_like(g[r])).unsqueeze(1))
             dzc = dz.to(wc.dtype) if hidden.is_cuda else dz
-            _addmm_f32_(dh[r], dzc, wc)
-            _addmm_f32_(dwc, dzc.t(), hf[r])
-        dw[v0:v0 + vc] = dwc.to(weight.dtype)
+            if need_dh:
+                _addmm_f32_(dh[r], dzc, wc)
+            if need_dw:
+                _addmm_f32_(dwc, dzc.t(), hf[r])
+        if need_dw:
+            dw[v0:v0 + vc] = dwc.to(weight.dtype)
     return dh.to(hidden.dtype), dw
 
 
@@ -172,18 +177,20 @@ def _(hidden, weight, labels, temperature, with_entropy, backend):
 
 @torch.library.custom_op("slim_ops::masked_logprob_bwd", mutates_args=())
 def _masked_logprob_bwd(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                        labels: torch.Tensor, lse: torch.Tensor, temperature: float,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        labels: torch.Tensor, lse: torch.Tensor, temperature: float, need_dh: bool,
+                        need_dw: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         from slim_ops.ops.masked_logprob.triton import masked_logprob_bwd_triton
 
-        return masked_logprob_bwd_triton(grad_logp, hidden, weight, labels, lse, temperature)
-    return _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperature)
+        return masked_logprob_bwd_triton(grad_logp, hidden, weight, labels, lse, temperature, need_dh, need_dw)
+    return _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperature, need_dh, need_dw)
 
 
 @_masked_logprob_bwd.register_fake
-def _(grad_logp, hidden, weight, labels, lse, temperature, backend):
-    return torch.empty_like(hidden), torch.empty_like(weight)
+def _(grad_logp, hidden, weight, labels, lse, temperature, need_dh, need_dw, backend):
+    dh = torch.empty_like(hidden) if need_dh else hidden.new_empty((0, hidden.shape[1]))
+    dw = torch.empty_like(weight) if need_dw else weight.new_empty((0, weight.shape[1]))
+    return dh, dw
 
 
 def _mlp_setup(ctx, inputs, output):
@@ -196,9 +203,10 @@ def _mlp_setup(ctx, inputs, output):
 
 def _mlp_backward(ctx, grad_logp, grad_lse, grad_ent):
     hidden, weight, labels, lse = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dh, dw = _masked_logprob_bwd(grad_logp.contiguous(), hidden, weight, labels, lse, ctx.temperature,
-                                 ctx.backend)
-    return dh, dw, None, None, None, None
+                                 need_dh, need_dw, ctx.backend)
+    return (dh if need_dh else None), (dw if need_dw else None), None, None, None, None
 
 
 _masked_logprob_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)

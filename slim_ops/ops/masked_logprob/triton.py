@@ -207,13 +207,14 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return mm(a, b)
 
 
-def masked_logprob_bwd_triton(grad_logp, hidden, weight, labels, lse, temperature: float):
+def masked_logprob_bwd_triton(grad_logp, hidden, weight, labels, lse, temperature: float,
+                              need_dh: bool = True, need_dw: bool = True):
     N, D = hidden.shape
     V = weight.shape[0]
     BN, BV, BD, nw, ns = _tiles(hidden.dtype)
-    dh = torch.zeros((N, D), dtype=torch.float32, device=hidden.device)
-    dw = torch.empty_like(weight)
-    if N == 0:
+    dh = torch.zeros((N if need_dh else 0, D), dtype=torch.float32, device=hidden.device)
+    dw = torch.empty_like(weight) if need_dw else weight.new_empty((0, D))
+    if N == 0 or not (need_dh or need_dw):
         return dh.to(hidden.dtype), dw.zero_()
     vc = max(BV, (BWD_CHUNK_ELEMS // max(N, 1)) // BV * BV)
     vc = min(vc, triton.cdiv(V, BV) * BV)
@@ -226,8 +227,10 @@ def masked_logprob_bwd_triton(grad_logp, hidden, weight, labels, lse, temperatur
             num_warps=nw, num_stages=ns)
         dzc = dz[:, :cnt]
         wc = weight[v0:v0 + cnt]
-        dh += _mm_f32(dzc, wc)
-        dw[v0:v0 + cnt] = _mm_f32(dzc.t(), hidden).to(weight.dtype)
+        if need_dh:
+            dh += _mm_f32(dzc, wc)
+        if need_dw:
+            dw[v0:v0 + cnt] = _mm_f32(dzc.t(), hidden).to(weight.dtype)
     return dh.to(hidden.dtype), dw
 
 
