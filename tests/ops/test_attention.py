@@ -56,6 +56,9 @@ CASES = {
     "train_L0_0_K1": (lambda: BlockLayout.train(0, 9, 1), 2, 2, 2, 16),
     "packed_3_streams": (lambda: BlockLayout.packed(6, 7, 4, 3, prompt_pad=_left_pad(2, 6, 2)), 2, 2, 1, 16),
     "staircase": (lambda: BlockLayout.staircase(37, 5), 1, 2, 1, 16),
+    # K = tile size: many fully visible (unmasked) tiles next to padded and partial ones
+    "train_K16_full_tiles": (lambda: BlockLayout.train(16, 32, 16, prompt_pad=_left_pad(1, 16, 6, False)),
+                             1, 2, 1, 16),
     "decode_pad": (lambda: BlockLayout.decode(21, 4, cache_pad=_left_pad(2, 21, 3)), 2, 4, 1, 16),
 }
 
