@@ -7,6 +7,8 @@ Triton implementation and compute the same function. Gradients flow to ``logp`` 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from slim_ops._backend import pick
@@ -180,6 +182,15 @@ _policy_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    """Python / NumPy integers and 0-d integer tensors (not bool)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral)
+
+
 def _check_policy_inputs(logp, logp_old, loss_mask, advantages, weights, level, clip_low, clip_high,
                          clip_token, kl_coef, kl_estimator, response_len, block_size):
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.is_floating_point():
@@ -213,19 +224,19 @@ def _check_policy_inputs(logp, logp_old, loss_mask, advantages, weights, level, 
         raise ValueError(f"slim_policy_loss: kl_estimator must be one of {KL_ESTIMATORS}, "
                          f"got {kl_estimator!r}")
     for name, v in (("clip_low", clip_low), ("clip_high", clip_high), ("clip_token", clip_token)):
-        if not isinstance(v, (int, float)) or not (0.0 <= float(v)):
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not (0.0 <= float(v)):
             raise ValueError(f"slim_policy_loss: {name} must be a float >= 0, got {v!r}")
     if clip_low >= 1.0 or clip_token >= 1.0:
         raise ValueError(f"slim_policy_loss: clip_low and clip_token must be < 1 (the lower ratio bound "
                          f"1 - eps must stay positive), got clip_low={clip_low}, clip_token={clip_token}")
-    if not isinstance(kl_coef, (int, float)) or kl_coef < 0:
+    if not isinstance(kl_coef, numbers.Real) or isinstance(kl_coef, bool) or kl_coef < 0:
         raise ValueError(f"slim_policy_loss: kl_coef must be a float >= 0, got {kl_coef!r}")
-    if response_len is not None and (not isinstance(response_len, int) or response_len < 1):
+    if response_len is not None and (not _is_int(response_len) or response_len < 1):
         raise ValueError(f"slim_policy_loss: response_len must be a positive int (L1), got {response_len!r}")
     if level == "block":
         if block_size is None:
             raise ValueError("slim_policy_loss: level='block' needs block_size (K, the block length)")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+    if block_size is not None and (not _is_int(block_size) or block_size < 1):
         raise ValueError(f"slim_policy_loss: block_size must be a positive int, got {block_size!r}")
 
 
