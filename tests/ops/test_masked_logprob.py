@@ -91,10 +91,13 @@ def test_masked_logprob_no_entropy_and_empty(backend):
     assert empty.shape == (0,)
 
 
-def test_masked_logprob_opcheck(small_torch_tiles):
-    h, w, y, _ = _inputs(4, 8, 50, torch.float32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, small_torch_tiles):
+    h, w, y, _ = _inputs(4, 16, 50, torch.float32)
     torch.library.opcheck(torch.ops.slim_ops.masked_logprob.default,
-                          (h.requires_grad_(), w.requires_grad_(), y, 1.0, True, "torch"))
+                          (h.requires_grad_(), w.requires_grad_(), y, 0.9, True, backend))
+    logits = torch.randn(4, 50, requires_grad=True)
+    torch.library.opcheck(torch.ops.slim_ops.logprob_from_logits.default, (logits, y, 1.1, True, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
