@@ -96,13 +96,25 @@ def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
 
 
 def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: shard each decoder layer, then the root (``torch.distributed.fsdp.fully_shard``)."""
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder layer, the decoder (embeddings, final
+    norm), the LM head and the root are separate units, because the trainer calls the decoder and the
+    head directly (hidden states of the masked rows only) rather than the root's forward."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = getattr(getattr(model, "model", model), "layers", [])
-    for layer in layers:
+    decoder = getattr(model, "model", None)
+    for layer in getattr(decoder, "layers", []):
         fully_shard(layer)
+    if decoder is not None:
+        fully_shard(decoder)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        fully_shard(head)
     fully_shard(model)
+    # FSDP initialises lazily from the first forward, which must go through the root: do one tiny one
+    # (every rank together) so that later direct calls of the decoder / head find the state ready.
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
     return model
 
 

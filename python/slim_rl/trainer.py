@@ -43,6 +43,8 @@ from slim_rl.tasks import Example, make_task, pad_left
 
 __all__ = ["RolloutBatch", "Trainer", "build_model", "noisy_stream_hidden", "seeded"]
 
+_PER_UNIT = ("clip_frac", "ratio_mean")
+_PER_TOKEN = ("entropy",)
 _SLIM_ATTN = "slim_block_diffusion"  # slim_ops.integrations.hf.ATTN_NAME
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -238,11 +240,20 @@ class Trainer:
         rc = self.cfg.rollout
         was_training = self.model.training
         self.model.eval()
+        # FSDP2: gather the weights once for the whole decode (ranks decode different prompts and take
+        # different numbers of forwards, so per-forward all-gathers could not be matched across ranks)
+        fsdp_units = [m for m in self.model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+        for m in fsdp_units:
+            m.set_reshard_after_forward(False)
+            m.unshard()
         with torch.no_grad():
             out = generate(self.model, prompts, block_size=rc.block_size, max_new_tokens=rc.max_new_tokens,
                            steps_per_block=rc.steps_per_block or None, strategy=rc.strategy, tau=rc.tau,
                            m=rc.m, temperature=temperature, top_k=rc.top_k, top_p=rc.top_p,
                            generator=generator, batch_size=rc.batch_size or None)
+        for m in fsdp_units:
+            m.reshard()
+            m.set_reshard_after_forward(True)
         self.model.train(was_training)
         return out
 
@@ -403,7 +414,17 @@ class Trainer:
             loss, metrics, _ = slim_ops.slim_loss_from_hidden(hs, self._head_weight(), labels, old, mask,
                                                               adv, w, **kw)
         (loss * scale).backward()
-        return loss.detach(), metrics, int(mask.sum())
+        level = kw["level"]
+        if level == "token":
+            units = int(mask.sum())
+        elif level == "sequence":
+            units = int(mask.any(dim=1).sum())
+        else:
+            K = self.cfg.rollout.block_size
+            nb = -(-mask.shape[1] // K)
+            mp = torch.nn.functional.pad(mask, (0, nb * K - mask.shape[1]))
+            units = int(mp.view(mask.shape[0], nb, K).any(dim=2).sum())
+        return loss.detach(), metrics, int(mask.sum()), units
 
     def update(self, batch: RolloutBatch, step: int) -> dict[str, Any]:
         """Steps 2-5 of an RL step on a global batch (the same on every rank); returns metrics."""
@@ -416,8 +437,9 @@ class Trainer:
         logp_old = self._logp_old(rows)
         W, rank = self.info.world, self.info.rank
         params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norms: list[float] = []
         sums: dict[str, float] = {}
-        count = 0
+        wsum: dict[str, float] = {}
         total_updates = self.cfg.train.steps * oc.epochs * oc.minibatches
         self.model.train()
         for epoch in range(oc.epochs):
@@ -431,34 +453,36 @@ class Trainer:
                 for s in range(0, mine.numel(), oc.micro_batch_rows):
                     idx = mine[s:s + oc.micro_batch_rows]
                     scale = idx.numel() / B_mb * (W if self.fsdp else 1)
-                    loss, metrics, ntok = self._loss(rows, idx, logp_old, scale)
-                    part = {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+                    loss, metrics, ntok, units = self._loss(rows, idx, logp_old, scale)
+                    part = {"loss": float(loss), **{k: float(v) for k, v in metrics.items() if k != "masked_count"}}
                     for k, v in part.items():
-                        sums[k] = sums.get(k, 0.0) + v * idx.numel()
-                    count += idx.numel()
-                    self.counters["train_tokens"] += ntok * W
+                        # metric averages over the minibatch: per ratio unit, per masked token or per row
+                        wk = units if k in _PER_UNIT else ntok if k in _PER_TOKEN else idx.numel()
+                        sums[k] = sums.get(k, 0.0) + v * wk
+                        wsum[k] = wsum.get(k, 0.0) + wk
                 if not self.fsdp:
                     D.all_reduce_gradients(params, self.info)
                 gn = torch.nn.utils.clip_grad_norm_(params, oc.grad_clip) if oc.grad_clip > 0 else None
+                if gn is not None and hasattr(gn, "full_tensor"):  # FSDP2: a DTensor
+                    gn = gn.full_tensor()
                 lr = oc.lr * _lr_factor(self.cfg, self.updates, total_updates)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 self.optimizer.step()
                 self.updates += 1
                 if gn is not None:
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn) * B_mb
-        tot = D.all_gather_objects((sums, count), self.info)
-        count_all = sum(c for _, c in tot)
+                    grad_norms.append(float(gn))
+        tot = D.all_gather_objects((sums, wsum), self.info)
         keys = {k for s, _ in tot for k in s}
         for k in sorted(keys):
-            if k == "grad_norm":
-                rec[k] = tot[0][0].get(k, 0.0) / (n * oc.epochs)
-            else:
-                rec[k] = sum(s.get(k, 0.0) for s, _ in tot) / max(count_all, 1)
+            rec[k] = sum(s.get(k, 0.0) for s, _ in tot) / max(sum(w.get(k, 0.0) for _, w in tot), 1e-12)
+        if grad_norms:  # identical on every rank (gradients are reduced before clipping)
+            rec["grad_norm"] = sum(grad_norms) / len(grad_norms)
         rec["lr"] = oc.lr * _lr_factor(self.cfg, max(self.updates - 1, 0), total_updates)
         rec["mask_ratio"] = rows["mask_ratio"]
         rec["mean_abs_advantage"] = rows["mean_abs_adv"]
         self.counters["train_rows"] += n * oc.epochs
+        self.counters["train_tokens"] += int(rows["loss_mask"].sum()) * oc.epochs
         return rec
 
     # ------------------------------------------------------------------ checkpoints

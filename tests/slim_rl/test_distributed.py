@@ -1,5 +1,6 @@
 """Multi-process training (issue 6, acceptance 4): ``torchrun --nproc_per_node=2`` on CPU (gloo) runs the
-trainer, and two processes take the same loss and update as one process for the same global batch.
+trainer, and two processes take the same loss and update as one process for the same global batch, both
+with data parallelism (``dist.strategy=ddp``) and with FSDP2 sharding (``dist.strategy=fsdp``).
 
 The test launches this file under torchrun in worker mode (``python test_distributed.py OUT``)."""
 
@@ -38,16 +39,19 @@ def _fixed_batch(pad_id: int, eos_id: int):
     return RolloutBatch(prompts, torch.arange(5).repeat_interleave(3), ids, lens, smap, rewards)
 
 
-def worker(out: str, objective: str) -> None:
+def worker(out: str, objective: str, strategy: str) -> None:
     from slim_rl.config import load_config
     from slim_rl.trainer import Trainer
 
     torch.set_num_threads(1)
-    cfg = load_config(None, TINY + [f"objective.name={objective}", f"train.out_dir={out}_run"])
+    cfg = load_config(None, TINY + [f"objective.name={objective}", f"dist.strategy={strategy}",
+                                    f"train.out_dir={out}_run"])
     tr = Trainer(cfg)
     batch = _fixed_batch(tr.pad_id, tr.eos_id)
     rec = tr.update(batch, 1)
-    params = torch.cat([p.detach().reshape(-1) for p in tr.model.parameters()])
+    # FSDP2 parameters are DTensor shards: compare the full tensors
+    params = torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1)
+                        for p in tr.model.parameters()])
     # and the full loop (rollouts split over ranks and gathered) runs under torchrun
     tr.cfg.train.steps = 3
     hist = tr.train()
@@ -56,20 +60,20 @@ def worker(out: str, objective: str) -> None:
                     "rollouts": hist[-1]["rollouts"]}, out)
 
 
-def _torchrun(n: int, out: str, objective: str) -> dict:
+def _torchrun(n: int, out: str, objective: str, strategy: str = "ddp") -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python")]),
            "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                        os.path.abspath(__file__), out, objective],
+                        os.path.abspath(__file__), out, objective, strategy],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("objective", ["slim"])
-def test_two_processes_equal_one(tmp_path, objective):
+@pytest.mark.parametrize("objective,strategy", [("slim", "ddp"), ("tracerl", "fsdp")])
+def test_two_processes_equal_one(tmp_path, objective, strategy):
     one = _torchrun(1, str(tmp_path / "one.pt"), objective)
-    two = _torchrun(2, str(tmp_path / "two.pt"), objective)
+    two = _torchrun(2, str(tmp_path / "two.pt"), objective, strategy)
     assert one["world"] == 1 and two["world"] == 2
     for k in ("rows", "kept_responses", "num_groups"):
         assert one["rec"][k] == two["rec"][k]
@@ -84,4 +88,4 @@ def test_two_processes_equal_one(tmp_path, objective):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    worker(sys.argv[1], sys.argv[2], sys.argv[3])
