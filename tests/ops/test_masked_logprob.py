@@ -315,3 +315,17 @@ def test_cuda_kernel_code_on_host(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("OK"), run.stdout[-3000:]
+
+
+def test_leading_dimensions_are_flattened():
+    h, w, y, _ = _inputs(12, 16, 90, torch.float32)
+    lp, ent = slim_ops.masked_logprob(h.reshape(3, 4, 16), w, y.reshape(3, 4), return_entropy=True)
+    assert lp.shape == (3, 4) and ent.shape == (3, 4)
+    ref_lp, ref_ent = masked_logprob_ref(h, w, y)
+    assert_close(lp.reshape(-1), ref_lp)
+    assert_close(ent.reshape(-1), ref_ent)
+    logits = torch.randn(2, 6, 90)
+    out = slim_ops.logprob_from_logits(logits, y.reshape(2, 6))
+    assert_close(out.reshape(-1), logprob_from_logits_ref(logits.reshape(12, 90), y)[0])
+    with pytest.raises(ValueError, match=r"needs labels of shape \(3, 4\)"):
+        slim_ops.masked_logprob(h.reshape(3, 4, 16), w, y)

@@ -317,7 +317,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("bad, match", [
     (dict(level="tokens"), "level must be one of"),
     (dict(kl_estimator="k4"), "kl_estimator must be one of"),
-    (dict(level="block"), "needs block_size"),
+    (dict(block_size=0), "block_size must be a positive int"),
     (dict(clip_low=1.5), "clip_low and clip_token must be < 1"),
     (dict(clip_high=-0.1), "clip_high must be a float >= 0"),
     (dict(kl_coef=-1.0), "kl_coef must be a float >= 0"),
@@ -333,8 +333,8 @@ def test_rejects_bad_tensors():
     logp, old, mask, adv, w = _random_case()
     with pytest.raises(ValueError, match="logp_old must have the shape of logp"):
         slim_ops.slim_policy_loss(logp, old[:, :3], mask, adv, w)
-    with pytest.raises(ValueError, match="loss_mask must be a bool tensor"):
-        slim_ops.slim_policy_loss(logp, old, mask.float(), adv, w)
+    with pytest.raises(ValueError, match="loss_mask must be a bool"):
+        slim_ops.slim_policy_loss(logp, old, mask.to(torch.complex64), adv, w)
     with pytest.raises(ValueError, match=r"advantages must be a floating tensor of shape \[B\]"):
         slim_ops.slim_policy_loss(logp, old, mask, adv[:2], w)
     with pytest.raises(ValueError, match=r"logp must be a floating tensor of shape \[B, L\]"):
@@ -375,3 +375,12 @@ def test_non_contiguous_inputs(backend):
     ref.backward()
     assert_close(loss, ref)
     assert_close(lp.grad, lr.grad)
+
+
+def test_defaults_block_size_and_numeric_masks():
+    # block level defaults to K = 16 (SPEC §1); 0/1 integer and float masks mean the same set as bool
+    logp, old, mask, adv, w = _random_case(B=6, L=40, seed=13)
+    ref, _ = slim_ops.slim_policy_loss(logp, old, mask, adv, w, level="block", block_size=16)
+    for m in (mask, mask.int(), mask.float()):
+        got, _ = slim_ops.slim_policy_loss(logp, old, m, adv, w, level="block")
+        assert_close(got, ref)

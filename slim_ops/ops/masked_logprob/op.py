@@ -303,7 +303,8 @@ def masked_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
     Args:
         hidden: [N, d] hidden states of the rows that need a log-prob (e.g. the masked positions of
-            the noisy stream), fp32 / bf16 / fp16. Differentiable.
+            the noisy stream), fp32 / bf16 / fp16. Differentiable. Leading dimensions [..., d] are
+            flattened (labels [...] then, outputs [...]).
         weight: [V, d] LM head (same dtype as ``hidden``). Differentiable.
         labels: [N] int64/int32 token ids in [0, V).
         temperature: T > 0; logits are z = hidden·weightᵀ / T.
@@ -316,9 +317,15 @@ def masked_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         returns dhidden / dweight in the input dtypes (accumulated in fp32).
     """
     op = "masked_logprob"
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2 or hidden.dtype not in _FLOATS:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or hidden.dtype not in _FLOATS:
         raise ValueError(f"{op}: hidden must be a [N, d] fp32/bf16/fp16 tensor, got "
                          f"{getattr(hidden, 'shape', type(hidden))} {getattr(hidden, 'dtype', '')}")
+    lead = hidden.shape[:-1]
+    if hidden.dim() > 2:
+        if not isinstance(labels, torch.Tensor) or labels.shape != lead:
+            raise ValueError(f"{op}: hidden {tuple(hidden.shape)} needs labels of shape {tuple(lead)}, got "
+                             f"{getattr(labels, 'shape', type(labels))}")
+        hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"{op}: weight must be a [V, d] tensor with d={hidden.shape[1]} like hidden, got "
                          f"{getattr(weight, 'shape', type(weight))}")
@@ -333,6 +340,9 @@ def masked_logprob(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     be = pick(op, hidden.device, backend, supported=("torch", "triton"))
     logp, _, ent = _masked_logprob_fwd(hidden.contiguous(), weight.contiguous(), labels.long().contiguous(),
                                        temperature, bool(return_entropy), be)
+    if len(lead) != 1:
+        logp = logp.reshape(lead)
+        ent = ent.reshape(lead) if return_entropy else ent
     return (logp, ent) if return_entropy else logp
 
 
@@ -341,7 +351,8 @@ def logprob_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, temperatu
     """Log-probability of each row's label from logits the caller already holds.
 
     Args:
-        logits: [N, V] fp32 / bf16 / fp16 (differentiable). labels: [N] int64/int32 in [0, V).
+        logits: [N, V] fp32 / bf16 / fp16 (differentiable); leading dimensions [..., V] are flattened.
+        labels: [N] (or [...]) int64/int32 in [0, V).
         temperature: T > 0 (z = logits / T). return_entropy: also return the entropy (fp32, no grad).
         backend: ``None`` (auto: cuda > triton on CUDA), ``"torch"``, ``"triton"`` or ``"cuda"``.
 
@@ -350,9 +361,15 @@ def logprob_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, temperatu
         no fp32 copy of them. The gradient is dlogits = g·(onehot − softmax(z))/T in the logits dtype.
     """
     op = "logprob_from_logits"
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in _FLOATS:
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.dtype not in _FLOATS:
         raise ValueError(f"{op}: logits must be a [N, V] fp32/bf16/fp16 tensor, got "
                          f"{getattr(logits, 'shape', type(logits))} {getattr(logits, 'dtype', '')}")
+    lead = logits.shape[:-1]
+    if logits.dim() > 2:
+        if not isinstance(labels, torch.Tensor) or labels.shape != lead:
+            raise ValueError(f"{op}: logits {tuple(logits.shape)} need labels of shape {tuple(lead)}, got "
+                             f"{getattr(labels, 'shape', type(labels))}")
+        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     if logits.shape[1] == 0:
         raise ValueError(f"{op}: V must be >= 1, got logits {tuple(logits.shape)}")
     _check_labels(op, labels, logits.shape[0], logits.shape[1], logits.device)
@@ -362,4 +379,7 @@ def logprob_from_logits(logits: torch.Tensor, labels: torch.Tensor, *, temperatu
         logits = logits.contiguous()
     logp, _, ent = _logprob_from_logits_fwd(logits, labels.long().contiguous(), temperature,
                                             bool(return_entropy), be)
+    if len(lead) != 1:
+        logp = logp.reshape(lead)
+        ent = ent.reshape(lead) if return_entropy else ent
     return (logp, ent) if return_entropy else logp

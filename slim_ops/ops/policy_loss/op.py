@@ -16,6 +16,7 @@ from slim_ops.ops.policy_loss.reference import LOG_RATIO_CLAMP
 
 LEVELS = ("sequence", "block", "token")
 KL_ESTIMATORS = ("k3", "k2", "k1")
+DEFAULT_BLOCK_SIZE = 16  # K (SPEC §1)
 METRIC_NAMES = ("policy_loss", "kl_loss", "kl", "clip_frac", "ratio_mean", "masked_count")
 # per-row statistics produced by every backend: objective J, KL_row, |M|, clipped units, units, sum of ratios
 ROW_STATS = 6
@@ -206,8 +207,9 @@ def _check_policy_inputs(logp, logp_old, loss_mask, advantages, weights, level, 
                              f"got {getattr(t, 'shape', type(t))}")
     if not logp_old.is_floating_point():
         raise ValueError(f"slim_policy_loss: logp_old must be floating point, got {logp_old.dtype}")
-    if loss_mask.dtype != torch.bool:
-        raise ValueError(f"slim_policy_loss: loss_mask must be a bool tensor, got {loss_mask.dtype}")
+    if loss_mask.is_complex():
+        raise ValueError(f"slim_policy_loss: loss_mask must be a bool (or 0/1 integer/float) tensor, "
+                         f"got {loss_mask.dtype}")
     for name, t in (("advantages", advantages), ("weights", weights)):
         if t is None and name == "weights":
             continue
@@ -233,9 +235,6 @@ def _check_policy_inputs(logp, logp_old, loss_mask, advantages, weights, level, 
         raise ValueError(f"slim_policy_loss: kl_coef must be a float >= 0, got {kl_coef!r}")
     if response_len is not None and (not _is_int(response_len) or response_len < 1):
         raise ValueError(f"slim_policy_loss: response_len must be a positive int (L1), got {response_len!r}")
-    if level == "block":
-        if block_size is None:
-            raise ValueError("slim_policy_loss: level='block' needs block_size (K, the block length)")
     if block_size is not None and (not _is_int(block_size) or block_size < 1):
         raise ValueError(f"slim_policy_loss: block_size must be a positive int, got {block_size!r}")
 
@@ -252,9 +251,10 @@ def slim_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, loss_mask: torc
         logp: [B, L] current log-probs ℓ_i(θ) of the response positions (fp32, bf16 or fp16; only
             entries with ``loss_mask`` are read). Gradients flow to ``logp`` only.
         logp_old: [B, L] log-probs under θ_old (no gradient).
-        loss_mask: [B, L] bool, the loss set M of each row.
+        loss_mask: [B, L] bool, the loss set M of each row (0/1 integer or float masks: nonzero = in M).
         advantages: [B] advantage A of each row; weights: [B] quadrature weight w_row (None = 1).
-        level: ``"sequence"`` (default), ``"block"`` (needs ``block_size``) or ``"token"``.
+        level: ``"sequence"`` (default), ``"block"`` or ``"token"``.
+        block_size: K, the block length of ``level="block"`` (default 16, SPEC §1).
         clip_low, clip_high: ε_lo, ε_hi of the sequence/block ratio; clip_token: ε of the token ratio.
         kl_coef: β; kl_estimator: ``"k3"`` (default), ``"k2"`` or ``"k1"``.
         response_len: L1 used by the 1/L1 normalisations (default L).
@@ -279,7 +279,9 @@ def slim_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, loss_mask: torc
     if weights is None:
         weights = torch.ones(logp.shape[0], dtype=torch.float32, device=logp.device)
     L1 = int(response_len) if response_len is not None else logp.shape[1]
-    K = int(block_size) if block_size is not None else logp.shape[1]
+    K = int(block_size) if block_size is not None else DEFAULT_BLOCK_SIZE
+    if loss_mask.dtype != torch.bool:
+        loss_mask = loss_mask != 0
     loss, stats = _policy_loss_fwd(logp, logp_old.detach(), loss_mask, advantages.detach(), weights.detach(),
                                    level, float(clip_low), float(clip_high), float(clip_token),
                                    float(kl_coef), kl_estimator, L1, K, be)

@@ -53,9 +53,7 @@ def slim_policy_loss_ref(logp: torch.Tensor, logp_old: torch.Tensor, loss_mask: 
         unit = (n > 0).unsqueeze(1)
         J = torch.where(unit, obj, torch.zeros_like(obj)).sum(1)
     elif level == "block":
-        if block_size is None:
-            raise ValueError("level='block' needs block_size")
-        K = int(block_size)
+        K = int(block_size) if block_size is not None else 16  # SPEC §1 default block length
         nb = -(-L // K)
         pad = nb * K - L
         d = torch.nn.functional.pad(delta, (0, pad)).reshape(B, nb, K)
