@@ -73,6 +73,21 @@ def _bda_tile_class(n0, m_q, a_lo, a_hi, b_lo, b_hi, p_pad, L0, BN: tl.constexpr
 
 
 @triton.jit
+def _bda_tile_full(n0, m_q, a_lo, a_hi, b_lo, b_hi, p_pad, L0, BN: tl.constexpr, HAS_PAD: tl.constexpr):
+    """(full, pad bits [BN]) of key tile [n0, n0+BN): every valid row sees every column, no column is a pad."""
+    n1 = n0 + BN
+    row_full = ((n0 >= a_lo) & (n1 <= a_hi)) | ((n0 >= b_lo) & (n1 <= b_hi)) | (m_q == 0)
+    tile_full = tl.min(row_full.to(tl.int32), axis=0) > 0
+    if HAS_PAD:
+        o_n = n0 + tl.arange(0, BN)
+        b_pad = tl.load(p_pad + o_n, mask=o_n < L0, other=0).to(tl.int32)
+        tile_full = tile_full & (tl.max(b_pad, axis=0) == 0)
+    else:
+        b_pad = tl.zeros([BN], dtype=tl.int32)
+    return tile_full, b_pad
+
+
+@triton.jit
 def _bda_tile_mask(n0, a_lo, a_hi, b_lo, b_hi, self_only, b_pad, BN: tl.constexpr, HAS_PAD: tl.constexpr):
     """bool [BM, BN]: the elementwise predicate on one tile."""
     o_n = n0 + tl.arange(0, BN)
@@ -88,26 +103,27 @@ def _bda_fwd_tile(b_acc, b_m, b_l, b_q, p_kb, p_vb, n0, Lk, stride_kn, stride_vn
                   a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE: tl.constexpr, D: tl.constexpr,
                   BD: tl.constexpr, BN: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
                   PREC: tl.constexpr):
-    tile_any, tile_full, b_pad = _bda_tile_class(n0, m_q, a_lo, a_hi, b_lo, b_hi, p_pad, L0, BN, HAS_PAD)
-    if tile_any:
-        p_k = tl.make_block_ptr(p_kb, (Lk, D), (stride_kn, 1), (n0, 0), (BN, BD), (1, 0))
-        p_v = tl.make_block_ptr(p_vb, (Lk, D), (stride_vn, 1), (n0, 0), (BN, BD), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")  # [BN, BD]
-        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")  # [BN, BD]
-        if UPCAST:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * QK_SCALE  # [BM, BN]
-        if not tile_full:
-            b_mask = _bda_tile_mask(n0, a_lo, a_hi, b_lo, b_hi, self_only, b_pad, BN, HAS_PAD)
-            b_s = tl.where(b_mask, b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_alpha = tl.exp2(b_m - b_mu)
-        b_p = tl.exp2(b_s - b_mu[:, None])
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
-        b_m = b_mn
+    # unconditional loads (the loop ranges only visit tiles some row needs) so the loop software-pipelines
+    tile_full, b_pad = _bda_tile_full(n0, m_q, a_lo, a_hi, b_lo, b_hi, p_pad, L0, BN, HAS_PAD)
+    o_n = n0 + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m_kv = (o_n < Lk)[:, None] & (o_d < D)[None, :]
+    b_k = tl.load(p_kb + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_v = tl.load(p_vb + o_n[:, None] * stride_vn + o_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * QK_SCALE  # [BM, BN]
+    if not tile_full:
+        b_mask = _bda_tile_mask(n0, a_lo, a_hi, b_lo, b_hi, self_only, b_pad, BN, HAS_PAD)
+        b_s = tl.where(b_mask, b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
+    b_mu = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_alpha = tl.exp2(b_m - b_mu)
+    b_p = tl.exp2(b_s - b_mu[:, None])
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    b_m = b_mn
     return b_acc, b_m, b_l
 
 
@@ -268,23 +284,23 @@ def _bda_bwd_dq_tile(b_dq, b_q, b_do, b_lse, b_delta, p_kb, p_vb, n0, Lk, stride
                      a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE: tl.constexpr, D: tl.constexpr,
                      BD: tl.constexpr, BN: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
                      PREC: tl.constexpr):
-    tile_any, tile_full, b_pad = _bda_tile_class(n0, m_q, a_lo, a_hi, b_lo, b_hi, p_pad, L0, BN, HAS_PAD)
-    if tile_any:
-        p_k = tl.make_block_ptr(p_kb, (Lk, D), (stride_kn, 1), (n0, 0), (BN, BD), (1, 0))
-        p_v = tl.make_block_ptr(p_vb, (Lk, D), (stride_vn, 1), (n0, 0), (BN, BD), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1), padding_option="zero")  # [BN, BD]
-        b_v = tl.load(p_v, boundary_check=(0, 1), padding_option="zero")  # [BN, BD]
-        if UPCAST:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
-        b_p = tl.exp2(b_s * QK_SCALE - b_lse[:, None])
-        if not tile_full:
-            b_mask = _bda_tile_mask(n0, a_lo, a_hi, b_lo, b_hi, self_only, b_pad, BN, HAS_PAD)
-            b_p = tl.where(b_mask, b_p, 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    tile_full, b_pad = _bda_tile_full(n0, m_q, a_lo, a_hi, b_lo, b_hi, p_pad, L0, BN, HAS_PAD)
+    o_n = n0 + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m_kv = (o_n < Lk)[:, None] & (o_d < D)[None, :]
+    b_k = tl.load(p_kb + o_n[:, None] * stride_kn + o_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_v = tl.load(p_vb + o_n[:, None] * stride_vn + o_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+        b_v = b_v.to(tl.float32)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)  # [BM, BN]
+    b_p = tl.exp2(b_s * QK_SCALE - b_lse[:, None])
+    if not tile_full:
+        b_mask = _bda_tile_mask(n0, a_lo, a_hi, b_lo, b_hi, self_only, b_pad, BN, HAS_PAD)
+        b_p = tl.where(b_mask, b_p, 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)  # [BM, BN]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
     return b_dq
 
 
@@ -355,7 +371,7 @@ def supported_head_dims() -> tuple[int, ...]:
 
 # (kind, D) -> tiles chosen so that no configuration spills at sm_90a (see AOT_SPECS / tests/test_compile.py)
 _GPU_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
-    ("fwd", 128): {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 3},
+    ("fwd", 128): {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
     ("dkdv", 128): {"BM": 16, "BN": 64, "num_warps": 8, "num_stages": 2},
     ("dq", 128): {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
     ("fwd", 64): {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
@@ -379,6 +395,14 @@ def _config(D: int, kind: str, interpret: bool | None = None, fp32: bool = False
     if fp32:
         return dict(_FP32_CONFIGS[kind])
     return dict(_GPU_CONFIGS[(kind, 128 if D > 64 else 64)])
+
+
+def _int32_rows(t: torch.Tensor) -> torch.Tensor:
+    """K/V rows are addressed as int64 (batch, head) base + int32 row offset (keeps the pipelined loop's
+    address tiles 32-bit); a view whose per-head row span does not fit int32 is made contiguous."""
+    if (t.shape[2] - 1) * t.stride(2) + t.shape[3] >= 2**31:
+        return t.contiguous()
+    return t
 
 
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -415,6 +439,7 @@ def bda_fwd(
     with B' ∈ {1, B} (stride 0 broadcast allowed) or None; first_valid int32 [B']. Returns
     (o like q, contiguous; lse fp32 [B,Hq,Lq] in log2 units of scale·q·k)."""
     launch = launch or (lambda kern: kern)
+    k, v = _int32_rows(k), _int32_rows(v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=_store_dtype(q.dtype), device=q.device)
@@ -483,6 +508,7 @@ def bda_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward: Δ, then dK/dV (per KV head and key tile) and dQ. Returns dq, dk, dv."""
     launch = launch or (lambda kern: kern)
+    k, v = _int32_rows(k), _int32_rows(v)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
