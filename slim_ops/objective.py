@@ -26,9 +26,9 @@ _SCHEDULES = ("response", "padded")
 class SlimRows(NamedTuple):
     """Rows of the SLIM objective.
 
-    noisy_ids [R', L1] int64 · loss_mask [R', L1] bool · weights [R'] fp32 (quadrature weight of the
-    row's node) · node_index [R'] int64 · response_index [R'] int64 · noise_mask [R', L1] bool (the
-    positions replaced by the mask id, pads included) · t [R'] fp32 (the row's node).
+    noisy_ids [R', L1] int64 (the noise set — pads included — replaced by the mask id, so the noise set
+    is ``noisy_ids == mask_id``) · loss_mask [R', L1] bool · weights [R'] fp32 (quadrature weight of the
+    row's node) · node_index [R'] int64 · response_index [R'] int64.
     """
 
     noisy_ids: torch.Tensor
@@ -36,16 +36,14 @@ class SlimRows(NamedTuple):
     weights: torch.Tensor
     node_index: torch.Tensor
     response_index: torch.Tensor
-    noise_mask: torch.Tensor
-    t: torch.Tensor
 
 
 class TraceRows(NamedTuple):
     """Rows of the TraceRL baseline.
 
-    noisy_ids [R', L1] int64 · loss_mask [R', L1] bool (the round's targets) · weights [R'] fp32 (all
-    ones: TraceRL has no quadrature weights) · round_index [R'] int64 · response_index [R'] int64 ·
-    noise_mask [R', L1] bool.
+    noisy_ids [R', L1] int64 (noise set = ``noisy_ids == mask_id``) · loss_mask [R', L1] bool (the
+    round's targets) · weights [R'] fp32 (all ones: TraceRL has no quadrature weights) · round_index [R']
+    int64 · response_index [R'] int64.
     """
 
     noisy_ids: torch.Tensor
@@ -53,10 +51,9 @@ class TraceRows(NamedTuple):
     weights: torch.Tensor
     round_index: torch.Tensor
     response_index: torch.Tensor
-    noise_mask: torch.Tensor
 
 
-def quadrature(n: int, *, dtype: torch.dtype = torch.float64,
+def quadrature(n: int, *, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gauss–Legendre nodes and weights on [0, 1].
 
@@ -64,13 +61,15 @@ def quadrature(n: int, *, dtype: torch.dtype = torch.float64,
     and Σ w_k f(t_k) integrates polynomials of degree ≤ 2n−1 over [0, 1] exactly.
     n = 3 → t = (0.1127017, 0.5, 0.8872983), w = (5/18, 8/18, 5/18).
 
-    Returns ``(nodes [n], weights [n])`` ascending, ``dtype`` (default fp64) on ``device``.
+    Returns ``(nodes [n], weights [n])`` ascending, computed in fp64 and returned as ``dtype`` (default:
+    torch's default dtype, fp32) on ``device``.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"quadrature: n must be a positive int (number of nodes), got {n!r}")
     x, w = np.polynomial.legendre.leggauss(int(n))
     nodes = torch.tensor((x + 1.0) / 2.0, dtype=torch.float64)
     weights = torch.tensor(w / 2.0, dtype=torch.float64)
+    dtype = dtype or torch.get_default_dtype()
     return nodes.to(device=device, dtype=dtype), weights.to(device=device, dtype=dtype)
 
 
@@ -98,7 +97,7 @@ def _block_probs(t: torch.Tensor, nb: torch.Tensor, j: torch.Tensor, spread: flo
 
 
 def block_mask_probs(t: float | torch.Tensor, num_blocks: int, spread: float = 0.2, shape: str = "cosine",
-                     decreasing: bool = True) -> torch.Tensor:
+                     decreasing: bool = True, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-block mask probabilities for quadrature node ``t`` over ``num_blocks`` blocks (SPEC §4.2).
 
     σ_eff = max(0, min(σ, 2·min(t, 1−t) − 1e−6));  nb = 1 → p_0 = t;
@@ -110,20 +109,23 @@ def block_mask_probs(t: float | torch.Tensor, num_blocks: int, spread: float = 0
         num_blocks: nb ≥ 1.
         spread: σ ≥ 0. shape: "cosine" | "linear".
     Returns:
-        fp64 tensor ``[nb]`` (or ``[*t.shape, nb]``; a tensor ``t`` keeps its floating dtype and device).
+        tensor ``[nb]`` (or ``[*t.shape, nb]``), computed in fp64 and returned as ``dtype`` (default: a
+        tensor ``t``'s floating dtype, else torch's default dtype), on ``t``'s device.
     """
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
         raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
     _check_schedule_args(spread, shape)
     if isinstance(t, torch.Tensor):
-        tt = t if t.is_floating_point() else t.double()
+        out_dtype = dtype or (t.dtype if t.is_floating_point() else torch.get_default_dtype())
+        tt = t.double()
     else:
+        out_dtype = dtype or torch.get_default_dtype()
         tt = torch.tensor(float(t), dtype=torch.float64)
     if bool(((tt < 0) | (tt > 1)).any()):
         raise ValueError(f"t must lie in [0, 1], got {t!r}")
     j = torch.arange(num_blocks, device=tt.device)
     nb = torch.tensor(num_blocks, device=tt.device)
-    return _block_probs(tt.unsqueeze(-1), nb, j, float(spread), shape, decreasing)
+    return _block_probs(tt.unsqueeze(-1), nb, j, float(spread), shape, decreasing).to(out_dtype)
 
 
 def _check_response(response_ids: torch.Tensor, name: str = "response_ids") -> None:
@@ -159,6 +161,8 @@ def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, b
         Weights sum to 1 per response when none of its rows was dropped.
     """
     _check_response(response_ids)
+    if isinstance(response_len, (list, tuple)):
+        response_len = torch.as_tensor(response_len, dtype=torch.int64, device=response_ids.device)
     if not isinstance(response_len, torch.Tensor) or response_len.shape != response_ids.shape[:1]:
         raise ValueError(f"response_len must be a tensor [B]={tuple(response_ids.shape[:1])}, got "
                          f"{getattr(response_len, 'shape', type(response_len))}")
@@ -206,7 +210,7 @@ def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, b
         idx = keep.nonzero().squeeze(1)
         resp, node, noise, loss, t = resp[idx], node[idx], noise[idx], loss[idx], t[idx]
     noisy = torch.where(noise, torch.full_like(ids[resp], mask_id), ids[resp])
-    return SlimRows(noisy, loss, weights[node], node, resp, noise, t)
+    return SlimRows(noisy, loss, weights[node], node, resp)
 
 
 def _dense_block_rank(step_map: torch.Tensor, valid: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -264,6 +268,7 @@ def build_trace_rows(response_ids: torch.Tensor, step_map: torch.Tensor, *, bloc
     ids = response_ids.to(torch.int64)
     pos = torch.arange(L1, device=dev)
     if response_len is not None:
+        response_len = torch.as_tensor(response_len, dtype=torch.int64, device=dev)
         if response_len.shape != (B,):
             raise ValueError(f"response_len must be [B]={B}, got {tuple(response_len.shape)}")
         valid = pos[None, :] < response_len.to(dev, torch.int64)[:, None]
@@ -283,4 +288,4 @@ def build_trace_rows(response_ids: torch.Tensor, step_map: torch.Tensor, *, bloc
     noise = g >= rnd[:, None]
     noisy = torch.where(noise, torch.full_like(g, mask_id), ids[resp])
     w = torch.ones(resp.numel(), dtype=torch.float32, device=dev)
-    return TraceRows(noisy, loss, w, rnd, resp, noise)
+    return TraceRows(noisy, loss, w, rnd, resp)

@@ -32,7 +32,7 @@ def _gl_independent(n: int) -> tuple[list[float], list[float]]:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_quadrature_matches_independent_rule(n):
-    t, w = slim_ops.quadrature(n)
+    t, w = slim_ops.quadrature(n, dtype=torch.float64)
     et, ew = _gl_independent(n)
     assert_close(t, torch.tensor(et, dtype=torch.float64), dtype=torch.float64, name="nodes")
     assert_close(w, torch.tensor(ew, dtype=torch.float64), dtype=torch.float64, name="weights")
@@ -43,10 +43,10 @@ def test_quadrature_matches_independent_rule(n):
 
 
 def test_quadrature_spec_values():
-    t, w = slim_ops.quadrature(3)
+    t, w = slim_ops.quadrature(3, dtype=torch.float64)
     assert_close(t, torch.tensor([0.1127017, 0.5, 0.8872983], dtype=torch.float64), atol=1e-7, rtol=0)
     assert_close(w, torch.tensor([5 / 18, 8 / 18, 5 / 18], dtype=torch.float64), dtype=torch.float64)
-    t2, w2 = slim_ops.quadrature(2)
+    t2, w2 = slim_ops.quadrature(2, dtype=torch.float64)
     assert_close(t2, torch.tensor([0.2113249, 0.7886751], dtype=torch.float64), atol=1e-7, rtol=0)
     assert_close(w2, torch.tensor([0.5, 0.5], dtype=torch.float64), dtype=torch.float64)
     with pytest.raises(ValueError, match="positive int"):
@@ -68,8 +68,8 @@ def _probs_formula(t, nb, sigma=0.2, shape="cosine", decreasing=True):
 
 def test_block_mask_probs_spec_examples():
     exp4 = torch.tensor([0.60, 0.55, 0.45, 0.40], dtype=torch.float64)
-    assert_close(slim_ops.block_mask_probs(0.5, 4), exp4, dtype=torch.float64)
-    p16 = slim_ops.block_mask_probs(0.5, 16)
+    assert_close(slim_ops.block_mask_probs(0.5, 4, dtype=torch.float64), exp4, dtype=torch.float64)
+    p16 = slim_ops.block_mask_probs(0.5, 16, dtype=torch.float64)
     assert abs(float(p16[0]) - 0.6) < 1e-12 and abs(float(p16[-1]) - 0.4) < 1e-12
     assert abs(float(p16[1]) - 0.5978) < 1e-4 and abs(float(p16[-2]) - 0.4022) < 1e-4
     assert float(slim_ops.block_mask_probs(0.3, 1)[0]) == pytest.approx(0.3)
@@ -80,7 +80,7 @@ def test_block_mask_probs_spec_examples():
 @pytest.mark.parametrize("shape", ["cosine", "linear"])
 @pytest.mark.parametrize("decreasing", [True, False])
 def test_block_mask_probs_formula_and_mean(t, nb, shape, decreasing):
-    p = slim_ops.block_mask_probs(t, nb, spread=0.2, shape=shape, decreasing=decreasing)
+    p = slim_ops.block_mask_probs(t, nb, spread=0.2, shape=shape, decreasing=decreasing, dtype=torch.float64)
     assert_close(p, torch.tensor(_probs_formula(t, nb, 0.2, shape, decreasing), dtype=torch.float64),
                  dtype=torch.float64)
     assert abs(float(p.mean()) - t) < 1e-12
@@ -104,11 +104,11 @@ def test_slim_rows_mask_rates_match_schedule():
     g = torch.Generator().manual_seed(1)
     rows = slim_ops.build_slim_rows(ids, lens, block_size=K, mask_id=0, pad_id=127, num_nodes=Q, generator=g)
     assert rows.noisy_ids.shape == (B * Q, L1)
-    nodes, _ = slim_ops.quadrature(Q)
+    nodes, _ = slim_ops.quadrature(Q, dtype=torch.float64)
     for k in range(Q):
         sel = rows.node_index == k
-        rate = rows.noise_mask[sel].float().view(-1, L1 // K, K).mean(dim=(0, 2)).double()
-        p = slim_ops.block_mask_probs(float(nodes[k]), L1 // K)
+        rate = (rows.noisy_ids == 0)[sel].float().view(-1, L1 // K, K).mean(dim=(0, 2)).double()
+        p = slim_ops.block_mask_probs(float(nodes[k]), L1 // K, dtype=torch.float64)
         # the one forced position of an all-clean row is uniform over the L1 valid positions
         p_empty = torch.prod((1 - p) ** K)
         expected = p + p_empty / L1
@@ -132,11 +132,11 @@ def test_slim_rows_invariants_with_pads():
     # no masked pads in the loss, no empty rows, loss within the noise set
     assert not bool((rows.loss_mask & ~valid).any())
     assert bool(rows.loss_mask.any(dim=1).all())
-    assert bool((rows.loss_mask <= rows.noise_mask).all())
-    assert torch.equal(rows.loss_mask, rows.noise_mask & valid)
+    assert bool((rows.loss_mask <= (rows.noisy_ids == MASK)).all())
+    assert torch.equal(rows.loss_mask, (rows.noisy_ids == MASK) & valid)
     # X = mask id exactly on the noise set, clean elsewhere
     clean = ids[rows.response_index]
-    assert torch.equal(rows.noisy_ids, torch.where(rows.noise_mask, torch.full_like(clean, MASK), clean))
+    assert torch.equal(rows.noisy_ids, torch.where((rows.noisy_ids == MASK), torch.full_like(clean, MASK), clean))
     # only zero-length responses lose rows; weights sum to one per response otherwise
     counts = torch.bincount(rows.response_index, minlength=B)
     assert torch.equal(counts, torch.where(lens > 0, Q, 0))
@@ -147,7 +147,7 @@ def test_slim_rows_invariants_with_pads():
     # "response" schedule never noises blocks past the response's own last block
     nb = (lens[rows.response_index] + K - 1) // K
     blk = torch.arange(L1) // K
-    assert not bool((rows.noise_mask & (blk[None] >= nb[:, None])).any())
+    assert not bool(((rows.noisy_ids == MASK) & (blk[None] >= nb[:, None])).any())
 
 
 def test_slim_rows_padded_schedule_and_determinism():
@@ -161,7 +161,7 @@ def test_slim_rows_padded_schedule_and_determinism():
     # "padded" takes nb from L1 (the reference) and reaches past the response
     c = slim_ops.build_slim_rows(ids, lens, block_size=K, mask_id=9, pad_id=10, schedule_blocks="padded",
                                  generator=torch.Generator().manual_seed(7))
-    assert bool(c.noise_mask[:, 8:].any())
+    assert bool((c.noisy_ids == 9)[:, 8:].any())
     # padded schedule: first two blocks of a short response use p_0, p_1 of an 8-block schedule,
     # which for the low node exceeds t (the short response is masked more than t)
     low = c.node_index == 0
@@ -195,10 +195,10 @@ def test_trace_rows_spec_example():
         m[list(xs)] = True
         return m
 
-    assert torch.equal(r.loss_mask[0], S(1, 2, 5)) and torch.equal(r.noise_mask[0], S(*range(8)))
-    assert torch.equal(r.loss_mask[1], S(3, 4)) and torch.equal(r.noise_mask[1], S(0, 3, 4, 6, 7))
-    assert torch.equal(r.loss_mask[2], S(0, 6, 7)) and torch.equal(r.noise_mask[2], S(0, 6, 7))
-    assert torch.equal(r.noisy_ids, torch.where(r.noise_mask, 0, ids.expand(3, 8)))
+    assert torch.equal(r.loss_mask[0], S(1, 2, 5)) and torch.equal(r.noisy_ids[0] == 0, S(*range(8)))
+    assert torch.equal(r.loss_mask[1], S(3, 4)) and torch.equal(r.noisy_ids[1] == 0, S(0, 3, 4, 6, 7))
+    assert torch.equal(r.loss_mask[2], S(0, 6, 7)) and torch.equal(r.noisy_ids[2] == 0, S(0, 6, 7))
+    assert torch.equal(r.noisy_ids[r.noisy_ids != 0], ids.expand(3, 8)[r.noisy_ids != 0])
     assert r.round_index.tolist() == [0, 1, 2] and r.response_index.tolist() == [0, 0, 0]
     assert torch.equal(r.weights, torch.ones(3))
 
@@ -244,7 +244,7 @@ def test_trace_rows_match_loop(K, s):
     for row, (b, loss, noise) in enumerate(exp):
         assert int(r.response_index[row]) == b
         assert torch.equal(r.loss_mask[row], loss), row
-        assert torch.equal(r.noise_mask[row], noise), row
+        assert torch.equal((r.noisy_ids[row] == 98), noise), row
     assert bool(r.loss_mask.any(dim=1).all())
 
 
