@@ -349,8 +349,8 @@ class Trainer:
             r = slim_ops.build_trace_rows(resp, smap, block_size=K, shrink=oc.shrink, mask_id=self.mask_id,
                                           pad_id=self.pad_id, response_len=lens)
         ridx = r.response_index
-        prompt, ppad = pad_left([batch.prompts[int(kept[i])] for i in ridx.tolist()], self.pad_id)
-        return {"rows": int(ridx.numel()), "prompt": prompt, "prompt_pad": ppad, "clean": resp[ridx],
+        prompt, ppad = pad_left([batch.prompts[i] for i in kept.tolist()], self.pad_id)  # once per response
+        return {"rows": int(ridx.numel()), "prompt": prompt[ridx], "prompt_pad": ppad[ridx], "clean": resp[ridx],
                 "noisy": r.noisy_ids, "loss_mask": r.loss_mask, "weights": r.weights.float(),
                 "advantages": adv.advantages[kept][ridx], "L1": L1, **info,
                 "mean_abs_adv": float(adv.advantages[kept].abs().mean()),
