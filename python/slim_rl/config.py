@@ -72,6 +72,7 @@ class ObjectiveConfig:
     shape: str = "cosine"
     decreasing: bool = True
     schedule_blocks: str = "response"
+    shared_clean: bool = True       # slim: one clean stream + n_q noisy streams per response (SPEC §3.4)
     shrink: int = 1                 # tracerl
     level: str = "sequence"         # slim ratio level: sequence | block | token (tracerl: token)
     clip_low: float = 0.1

@@ -90,17 +90,24 @@ def noisy_stream_hidden(model: torch.nn.Module, prompt: torch.Tensor, prompt_pad
 
     Args:
         prompt: [R, L0] left-padded prompt ids; prompt_pad: [R, L0] bool (True at pads).
-        clean: [R, L1] clean response ids; noisy: [R, L1] the same with the noise set = mask id.
+        clean: [R, L1] clean response ids; noisy: [R, L1] the same with the noise set = mask id, or
+            [R, n, L1]: n noisy streams sharing one clean stream (SPEC §3.4, ``BlockLayout.packed``; the
+            P∪C activations are computed once for the n rows — same values, fewer tokens).
         block_size: K (response blocks start at the prompt end).
     Returns:
-        [R, L1, d]: row i scores noisy position i (the model's logit ``shift`` already applied).
+        [R, L1, d] (or [R, n, L1, d]): row i scores noisy position i (the logit ``shift`` applied).
 
     Attention: a dense additive [R, 1, N, N] mask through the model's own attention (SDPA / eager), or,
     for a model switched to ``slim_ops.integrations.hf`` (``model.attention=slim``), the layout itself.
     """
     R, L0 = prompt.shape
     L1 = clean.shape[1]
-    layout = BlockLayout.train(L0, L1, block_size, prompt_pad=prompt_pad)
+    n = noisy.shape[1] if noisy.dim() == 3 else 0
+    if n:
+        layout = BlockLayout.packed(L0, L1, block_size, n, prompt_pad=prompt_pad)
+        noisy = noisy.reshape(R, n * L1)
+    else:
+        layout = BlockLayout.train(L0, L1, block_size, prompt_pad=prompt_pad)
     pos = layout.position_ids(device=prompt.device).expand(R, -1)
     ids = torch.cat([prompt, clean, noisy], dim=1)
     if getattr(model.config, "_attn_implementation", None) == _SLIM_ATTN:
@@ -116,6 +123,8 @@ def noisy_stream_hidden(model: torch.nn.Module, prompt: torch.Tensor, prompt_pad
         out = _decoder(model)(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
     h = out.last_hidden_state
     shift = int(getattr(model, "shift", 0))
+    if n:
+        return h[:, L0 + L1 - shift:L0 + L1 + n * L1 - shift].reshape(R, n, L1, -1)
     return h[:, L0 + L1 - shift:L0 + 2 * L1 - shift]
 
 
@@ -349,21 +358,40 @@ class Trainer:
             r = slim_ops.build_trace_rows(resp, smap, block_size=K, shrink=oc.shrink, mask_id=self.mask_id,
                                           pad_id=self.pad_id, response_len=lens)
         ridx = r.response_index
+        Q = oc.num_nodes
+        shared = oc.name == "slim" and oc.shared_clean and ridx.numel() == Q * kept.numel()
         prompt, ppad = pad_left([batch.prompts[i] for i in kept.tolist()], self.pad_id)  # once per response
         return {"rows": int(ridx.numel()), "prompt": prompt[ridx], "prompt_pad": ppad[ridx], "clean": resp[ridx],
                 "noisy": r.noisy_ids, "loss_mask": r.loss_mask, "weights": r.weights.float(),
-                "advantages": adv.advantages[kept][ridx], "L1": L1, **info,
+                "advantages": adv.advantages[kept][ridx], "L1": L1, "group": Q if shared else 1, **info,
                 "mean_abs_adv": float(adv.advantages[kept].abs().mean()),
                 "mask_ratio": float(r.loss_mask.float().sum(1).div(lens[ridx].float()).mean())}
 
     # ------------------------------------------------------------------ log-probs and loss
     def _micro(self, rows: dict[str, torch.Tensor], idx: torch.Tensor):
+        """Hidden states of the loss positions of rows ``idx`` (whole groups when the clean stream is
+        shared), their labels and the [rows, L1] loss mask."""
         dev = self.device
-        take = lambda k: rows[k][idx].to(dev)
-        h = noisy_stream_hidden(self.model, take("prompt"), take("prompt_pad"), take("clean"), take("noisy"),
-                                self.cfg.rollout.block_size)
+        g = rows["group"]
+        take = lambda k, i=idx: rows[k][i].to(dev)
+        if g > 1:
+            first = idx[::g]
+            noisy = take("noisy").view(first.numel(), g, -1)
+            h = noisy_stream_hidden(self.model, take("prompt", first), take("prompt_pad", first),
+                                    take("clean", first), noisy, self.cfg.rollout.block_size)
+            h = h.reshape(idx.numel(), h.shape[2], h.shape[3])
+        else:
+            h = noisy_stream_hidden(self.model, take("prompt"), take("prompt_pad"), take("clean"), take("noisy"),
+                                    self.cfg.rollout.block_size)
         mask = take("loss_mask")
         return h[mask], take("clean")[mask], mask
+
+    @staticmethod
+    def _rows_of(units: torch.Tensor, g: int) -> torch.Tensor:
+        """Row indices of shuffling units (a unit = one row, or the g rows sharing a clean stream)."""
+        if g == 1:
+            return units
+        return (units[:, None] * g + torch.arange(g)[None, :]).reshape(-1)
 
     def _head_weight(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
@@ -371,10 +399,10 @@ class Trainer:
     @torch.no_grad()
     def _logp_old(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """[rows, L1] fp32 log-probs under the current θ (0 off the loss mask); rows split over ranks."""
-        n, L1 = rows["rows"], rows["L1"]
+        n, L1, g = rows["rows"], rows["L1"], rows["group"]
         out = torch.zeros(n, L1)
-        mine = torch.arange(self.info.rank, n, self.info.world)
-        mb = self.cfg.optim.micro_batch_rows
+        mine = self._rows_of(torch.arange(self.info.rank, n // g, self.info.world), g)
+        mb = max(1, self.cfg.optim.micro_batch_rows // g) * g
         for s in range(0, mine.numel(), mb):
             idx = mine[s:s + mb]
             hs, labels, mask = self._micro(rows, idx)
@@ -442,16 +470,18 @@ class Trainer:
         wsum: dict[str, float] = {}
         total_updates = self.cfg.train.steps * oc.epochs * oc.minibatches
         self.model.train()
+        grp = rows["group"]
+        micro = max(1, oc.micro_batch_rows // grp) * grp
         for epoch in range(oc.epochs):
-            perm = torch.randperm(n, generator=seeded(self.cfg.train.seed, step, "shuffle", epoch))
+            perm = torch.randperm(n // grp, generator=seeded(self.cfg.train.seed, step, "shuffle", epoch))
             for mb in torch.tensor_split(perm, oc.minibatches):
                 if mb.numel() == 0:
                     continue
-                B_mb = mb.numel()
-                mine = mb[rank::W]
+                B_mb = mb.numel() * grp
+                mine = self._rows_of(mb[rank::W], grp)
                 self.optimizer.zero_grad(set_to_none=False)
-                for s in range(0, mine.numel(), oc.micro_batch_rows):
-                    idx = mine[s:s + oc.micro_batch_rows]
+                for s in range(0, mine.numel(), micro):
+                    idx = mine[s:s + micro]
                     scale = idx.numel() / B_mb * (W if self.fsdp else 1)
                     loss, metrics, ntok, units = self._loss(rows, idx, logp_old, scale)
                     part = {"loss": float(loss), **{k: float(v) for k, v in metrics.items() if k != "masked_count"}}
@@ -466,8 +496,8 @@ class Trainer:
                 if gn is not None and hasattr(gn, "full_tensor"):  # FSDP2: a DTensor
                     gn = gn.full_tensor()
                 lr = oc.lr * _lr_factor(self.cfg, self.updates, total_updates)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                for pg in self.optimizer.param_groups:
+                    pg["lr"] = lr
                 self.optimizer.step()
                 self.updates += 1
                 if gn is not None:

@@ -173,3 +173,30 @@ def test_dense_mask_and_slim_attention_paths_agree():
         b = noisy_stream_hidden(slim, prompt, ppad, clean, noisy, 2)
     assert a.shape == (3, 6, 32)
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_shared_clean_stream_gives_the_same_update():
+    """SPEC §3.4: packing one clean stream with the n_q noisy streams changes no number."""
+    torch.manual_seed(0)
+    ov = ["optim.minibatches=1", "optim.epochs=1"]
+    a = _trainer("slim", ov + ["objective.shared_clean=true"])
+    b = _trainer("slim", ov + ["objective.shared_clean=false"])
+    b.model.load_state_dict(a.model.state_dict())
+    batch = a.rollout(1)
+    batch.rewards = (torch.arange(len(batch)) % 3 == 0).float()
+    assert a.build_rows(batch, 1)["group"] == 3 and b.build_rows(batch, 1)["group"] == 1
+    grads = {}
+    for name, tr in (("a", a), ("b", b)):   # record the gradient each optimizer step sees
+        step = tr.optimizer.step
+
+        def record(*args, _step=step, _tr=tr, _name=name, **kw):
+            grads[_name] = [p.grad.clone() for p in _tr.model.parameters()]
+            return _step(*args, **kw)
+
+        tr.optimizer.step = record
+    ra, rb = a.update(batch, 1), b.update(batch, 1)
+    for k in ("loss", "policy_loss", "grad_norm", "entropy"):
+        assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+    assert ra["grad_norm"] > 0
+    for (name, _), ga, gb in zip(a.model.named_parameters(), grads["a"], grads["b"]):
+        assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-7), (name, (ga - gb).abs().max())
