@@ -373,7 +373,7 @@ def supported_head_dims() -> tuple[int, ...]:
 _GPU_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
     ("fwd", 128): {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
     ("dkdv", 128): {"BM": 16, "BN": 64, "num_warps": 8, "num_stages": 2},
-    ("dq", 128): {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
+    ("dq", 128): {"BM": 64, "BN": 32, "num_warps": 8, "num_stages": 2},
     ("fwd", 64): {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
     ("dkdv", 64): {"BM": 32, "BN": 64, "num_warps": 8, "num_stages": 2},
     ("dq", 64): {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2},
@@ -382,7 +382,7 @@ _GPU_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
 _FP32_CONFIGS: dict[str, dict[str, int]] = {
     "fwd": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2},
     "dkdv": {"BM": 16, "BN": 32, "num_warps": 8, "num_stages": 2},
-    "dq": {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 2},
+    "dq": {"BM": 32, "BN": 16, "num_warps": 8, "num_stages": 2},
 }
 
 
