@@ -343,6 +343,9 @@ def block_diffusion_attention(
             f"block_diffusion_attention: the triton backend supports head dims {supported_head_dims()}, "
             f"got D={D}; use backend='torch' for other sizes"
         )
+    if B * Hq > 65535:
+        raise ValueError(f"block_diffusion_attention: the triton backend launches B*Hq programs on the second grid "
+                         f"axis (at most 65535), got B*Hq = {B * Hq}; split the batch")
     first_valid = None
     if pad is not None:
         first_valid = layout.first_valid(q.device)
