@@ -36,6 +36,7 @@ class AotSpec:
     num_stages: int = 3
     hot: bool = True  # hot kernels must not spill
     label: str = ""
+    aligned: bool = True  # pointers 16-byte aligned, as real launches specialise them (enables vector/async loads)
 
 
 def _ops_with_triton() -> list[str]:
@@ -87,7 +88,9 @@ def compile_triton(modules: list[str] | None = None) -> list[dict[str, Any]]:
                                    "constexprs": {k: str(v) for k, v in spec.constexprs.items()},
                                    "num_warps": spec.num_warps, "hot": spec.hot}
             try:
-                src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+                attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(spec.signature.values())
+                         if spec.aligned and t.startswith("*")}
+                src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
                 c = triton.compile(src, target=target,
                                    options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
                 rec.update(_resources(c.asm["cubin"]))
