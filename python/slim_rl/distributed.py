@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
@@ -55,6 +56,7 @@ def init(backend: str = "auto", device: str | None = None) -> DistInfo:
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+        atexit.register(_destroy_at_exit)  # ranks leave together; no gloo thread is torn down mid-flight
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, device, True)
 
 
@@ -121,6 +123,14 @@ def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
 def barrier(info: DistInfo) -> None:
     if info.active:
         dist.barrier()
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def shutdown(info: DistInfo) -> None:

@@ -40,6 +40,7 @@ def _fixed_batch(pad_id: int, eos_id: int):
 
 
 def worker(out: str, objective: str, strategy: str) -> None:
+    from slim_rl import distributed as D
     from slim_rl.config import load_config
     from slim_rl.trainer import Trainer
 
@@ -58,6 +59,8 @@ def worker(out: str, objective: str, strategy: str) -> None:
     if tr.info.rank == 0:
         torch.save({"rec": rec, "params": params, "world": tr.info.world, "steps": [r["step"] for r in hist],
                     "rollouts": hist[-1]["rollouts"]}, out)
+    D.barrier(tr.info)
+    D.shutdown(tr.info)
 
 
 def _torchrun(n: int, out: str, objective: str, strategy: str = "ddp") -> dict:
