@@ -41,7 +41,7 @@ def sft(model: torch.nn.Module, task, cfg: Config, *, device: str = "cpu", progr
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sc.steps, desc="SFT", dynamic_ncols=True)
+        bar = tqdm(total=sc.steps, desc="SFT", dynamic_ncols=True, mininterval=1.0)
     records: list[dict[str, float]] = []
     for step in range(sc.steps):
         warm = min(1.0, (step + 1) / sc.warmup_steps) if sc.warmup_steps else 1.0
@@ -77,7 +77,7 @@ def sft(model: torch.nn.Module, task, cfg: Config, *, device: str = "cpu", progr
         if bar is not None:
             bar.update(1)
             if step % 25 == 0:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     if bar is not None:
         bar.close()
     return records
