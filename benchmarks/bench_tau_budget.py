@@ -78,7 +78,7 @@ def main() -> None:
 
     results = {}
     for name, fn in candidates.items():
-        r = time_fn(fn, dev, warmup=2 if not gpu else 5, reps=reps if name != "per_row_loop" else max(3, reps // 5))
+        r = time_fn(fn, dev, warmup=2 if not gpu else 5, reps=reps)
         r["GB_per_s"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
         results[name] = r
     payload = {"bench": "tau_budget_step", "meta": metadata(dev),

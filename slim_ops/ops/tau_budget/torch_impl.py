@@ -7,7 +7,7 @@ import torch
 
 from .reference import gumbel_noise
 
-_CHUNK_ELEMS = 1 << 20  # temporaries per chunk of slots (4-8 MB: stays in cache)
+_CHUNK_ELEMS = 1 << 21  # temporaries per chunk of slots (8-16 MB)
 
 
 def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temperature: float,
@@ -19,12 +19,16 @@ def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temp
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     conf = torch.empty(n, dtype=torch.float32, device=logits.device)
     step = max(1, _CHUNK_ELEMS // max(V, 1))
+    buf = None
     for s0 in range(0, n, step):  # chunks of slots bound the temporaries; not a loop over rows
         z = flat[s0:s0 + step].float()
-        mx, tok = torch.max(z, dim=-1)  # first index among equal maxima; NaN propagates into mx
+        mx, tok = first_max(z)  # first index among equal maxima; NaN propagates into mx
         bad = ~torch.isfinite(mx)  # NaN or +inf somewhere, or all -inf
         if temperature == 0.0:
-            c = 1.0 / (z - mx[:, None]).exp_().sum(dim=-1)
+            if buf is None:  # one scratch buffer per call: no fresh pages per chunk
+                buf = torch.empty(min(step, n), V, dtype=torch.float32, device=z.device)
+            p = torch.ops.aten._softmax.out(z, -1, False, out=buf[: z.shape[0]])  # fused max/exp/sum/scale
+            c = p.gather(1, tok[:, None])[:, 0]  # softmax(z)[argmax] = 1/Σexp(z − max)
         else:
             zt = z / temperature
             if top_k > 0 or top_p < 1.0:
@@ -36,6 +40,34 @@ def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temp
         tokens[s0:s0 + step] = torch.where(bad, mask_id, tok)
         conf[s0:s0 + step] = torch.where(bad, float("nan"), c)
     return tokens.view(R, K), conf.view(R, K)
+
+
+_GROUP = 128
+
+
+def first_max(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, first index of the max) along the last dim of a contiguous [n, V] fp32 tensor.
+
+    Same result as ``torch.max(z, -1)`` (NaN propagates and its index is returned), computed as a max over
+    groups of 128 (a vectorised reduction), the first group holding the max, then the first max inside it:
+    several times faster than the indexed reduction over the whole row on CPUs."""
+    n, V = z.shape
+    Vm = (V // _GROUP) * _GROUP
+    if Vm == 0:
+        return torch.max(z, dim=-1)
+    zg = z[:, :Vm].reshape(n, Vm // _GROUP, _GROUP)
+    gmax = zg.amax(dim=-1)  # [n, groups]
+    gi = gmax.argmax(dim=-1)  # first group holding the max (or a NaN)
+    rows = torch.arange(n, device=z.device)
+    inner = zg[rows, gi].argmax(dim=-1)
+    mx = gmax[rows, gi]
+    idx = gi * _GROUP + inner
+    if Vm < V:
+        tm, ti = torch.max(z[:, Vm:], dim=-1)
+        later = (tm > mx) | (torch.isnan(tm) & ~torch.isnan(mx))
+        mx = torch.where(later, tm, mx)
+        idx = torch.where(later, ti + Vm, idx)
+    return mx, idx
 
 
 def filter_top_k_top_p(zt: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
