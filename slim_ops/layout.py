@@ -248,14 +248,14 @@ class BlockLayout:
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """int64 [B or 1, Lk]: RoPE positions of the whole stream (queries: ``[:, q_start:]``).
 
-        ``valid = (j ≥ L0) ∨ ¬pad``; ``pos = cumsum(valid) − 1`` over P∪C; pads get 1; noisy streams
-        reuse the clean positions.
+        ``valid = (j ≥ L0) ∨ ¬pad``; ``pos = cumsum(valid) − 1`` over P∪C (SPEC §3.3, so left pads get −1: they
+        are hidden keys and their own rows attend only to themselves, so their value changes no valid output);
+        noisy streams reuse the clean positions.
         """
         device = self.device if device is None else device
         Lc = self.context_len
         valid = ~self.key_padding(device)[:, :Lc]
         pos = valid.long().cumsum(-1) - 1
-        pos = pos.masked_fill(~valid, 1)
         clean = pos[:, self.prompt_len:]
         return torch.cat([pos] + [clean] * self.num_noisy, dim=1)
 

@@ -104,7 +104,7 @@ def test_spec_ascii_example():
     assert got.shape == (1, 13, 13)
     assert torch.equal(got[0], expected), f"\n{got[0].int()}\n!=\n{expected.int()}"
     assert torch.equal(lay.block_ids(), torch.tensor([-2, -1, -1, 0, 0, 1, 1, 2, 0, 0, 1, 1, 2]))
-    assert torch.equal(lay.position_ids(), torch.tensor([[1, 0, 1, 2, 3, 4, 5, 6, 2, 3, 4, 5, 6]]))
+    assert torch.equal(lay.position_ids(), torch.tensor([[-1, 0, 1, 2, 3, 4, 5, 6, 2, 3, 4, 5, 6]]))
     assert torch.equal(lay.self_only_rows()[0, :3], torch.tensor([True, False, False]))
 
 
@@ -173,7 +173,7 @@ def test_position_ids_left_padding():
     pad = torch.tensor([[True, True, False, False], [False, False, False, False]])
     lay = BlockLayout.train(4, 3, 2, prompt_pad=pad)
     pos = lay.position_ids()
-    assert torch.equal(pos, torch.tensor([[1, 1, 0, 1, 2, 3, 4, 2, 3, 4],
+    assert torch.equal(pos, torch.tensor([[-1, -1, 0, 1, 2, 3, 4, 2, 3, 4],
                                           [0, 1, 2, 3, 4, 5, 6, 4, 5, 6]]))
     assert torch.equal(lay.query_position_ids(), pos)
     assert torch.equal(BlockLayout.train(0, 3, 2).position_ids(), torch.tensor([[0, 1, 2, 0, 1, 2]]))
