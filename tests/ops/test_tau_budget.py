@@ -389,6 +389,15 @@ def test_shape_and_dtype_errors():
                                    tau=torch.tensor([0.5, 1.5], dtype=torch.float64))
 
 
+def test_scalar_kinds_and_grad_inputs():
+    logits = torch.randn(2, 4, 10, requires_grad=True)
+    block = torch.full((2, 4), 9)
+    a = slim_ops.tau_budget_step(logits, block, 9, tau=torch.tensor(0.8, dtype=torch.float64), floor=np.int64(2), m=1)
+    b = slim_ops.tau_budget_step(logits.detach(), block, 9, tau=0.8, floor=2, m=1.0)
+    assert not a.confidence.requires_grad
+    assert torch.equal(a.commit, b.commit) and torch.equal(a.risk, b.risk)
+
+
 def test_cuda_backend_error_is_actionable():
     with pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors|slim_ops._C"):
         slim_ops.tau_budget_step(torch.randn(1, 4, 10), torch.zeros(1, 4, dtype=torch.int64), 1, backend="cuda")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -56,6 +57,8 @@ def _row_param(fn: str, name: str, value, R: int, device: torch.device, *, integ
         return f"{left}{lo}, {hi if hi is not None else 'inf'}{right}"
 
     if isinstance(value, Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(R)
         if value.dim() != 1 or value.shape[0] != R:
             _fail(fn, f"{name} must be a scalar or a 1-D tensor of length R={R}, got shape {tuple(value.shape)}")
         if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
@@ -70,8 +73,10 @@ def _row_param(fn: str, name: str, value, R: int, device: torch.device, *, integ
             ok = ok & ~torch.isnan(t)
         torch._assert_async(ok.all(), f"slim_ops.{fn}: every {name} must lie in {in_range_msg()}")
         return t
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            integer and not isinstance(value, numbers.Integral)):
         _fail(fn, f"{name} must be {'an int' if integer else 'a float'} or a [R] tensor, got {type(value).__name__}")
+    value = int(value) if integer else float(value)
     v = float(value)
     ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi)) and not math.isnan(v)
     if not ok:
@@ -227,6 +232,7 @@ def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float |
     sid = _strategy_id(fn, strategy)
     tau32, bud, fl = _params(fn, R, logits.device, tau, m, floor)
     name = _backend.pick(fn, logits.device, backend)
+    logits = logits.detach()  # the decode step is not differentiable
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     temperature = float(temperature)
@@ -270,4 +276,4 @@ def tau_budget_select(confidence: Tensor, masked: Tensor, *, tau: float | Tensor
     sid = _strategy_id(fn, strategy)
     tau32, bud, fl = _params(fn, R, confidence.device, tau, m, floor)
     name = _backend.pick(fn, confidence.device, backend)
-    return _tau_budget_select_op(confidence.to(torch.float32), masked, tau32, bud, fl, sid, name)
+    return _tau_budget_select_op(confidence.detach().to(torch.float32), masked, tau32, bud, fl, sid, name)
