@@ -39,6 +39,18 @@ class AotSpec:
     aligned: bool = True  # pointers 16-byte aligned, as real launches specialise them (enables vector/async loads)
 
 
+def signature(kernel: Any, ptrs: dict[str, str], constexprs: dict[str, Any], scalar: str = "i32",
+              scalars: dict[str, str] | None = None) -> dict[str, str]:
+    """A kernel's signature in argument order: ``ptrs[name]`` for pointers, "constexpr" for every name in
+    `constexprs`, ``scalars[name]`` or `scalar` for the remaining (integer) arguments."""
+    names = list(kernel.arg_names)
+    scalars = scalars or {}
+    unknown = (set(ptrs) | set(constexprs) | set(scalars)) - set(names)
+    if unknown:
+        raise ValueError(f"{names} has no argument(s) {sorted(unknown)}")
+    return {n: ptrs[n] if n in ptrs else "constexpr" if n in constexprs else scalars.get(n, scalar) for n in names}
+
+
 def _ops_with_triton() -> list[str]:
     ops = []
     for p in sorted((Path(__file__).parent / "ops").iterdir()):

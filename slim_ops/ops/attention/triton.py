@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slim_ops._aot import AotSpec
+from slim_ops._aot import AotSpec, signature
 from slim_ops._backend import triton_interpret
 
 LOG2E = 1.4426950408889634
@@ -646,239 +646,33 @@ def bda_bwd(
 def _aot_specs() -> list[AotSpec]:
     specs = []
     for D in (64, 128):
+        scale = 1.0 / math.sqrt(D)
         # bf16 (the training dtype) with and without a pad bitmap; fp16 and fp32 with the pad bitmap, whose
         # kernels are supersets of the pad-free ones (HAS_PAD only adds code), to keep the CI compile short.
-        for dt, ty, prec, pads in (("bf16", "*bf16", "tf32", (False, True)), ("fp16", "*fp16", "tf32", (True,)),
-                                   ("fp32", "*fp32", "ieee", (True,))):
-            for has_pad in pads:
-                scale = 1.0 / math.sqrt(D)
-                label = f"D={D} {dt} pad={int(has_pad)}"
-                common = {"D": D, "BD": D, "HAS_PAD": has_pad, "UPCAST": False, "PREC": prec}
-                hot = True
-                c = _config_gpu(D, "fwd", dt == "fp32")
-                specs.append(
-                    AotSpec(
-                        _bda_fwd_kernel,
-                        {
-                            "Q": ty,
-                            "Kp": ty,
-                            "V": ty,
-                            "O": ty,
-                            "LSE": "*fp32",
-                            "PAD": "*u8",
-                            "FV": "*i32",
-                            **{
-                                n: "i32"
-                                for n in (
-                                    "stride_qb",
-                                    "stride_qh",
-                                    "stride_qm",
-                                    "stride_kb",
-                                    "stride_kh",
-                                    "stride_kn",
-                                    "stride_vb",
-                                    "stride_vh",
-                                    "stride_vn",
-                                    "stride_ob",
-                                    "stride_oh",
-                                    "stride_om",
-                                    "stride_pb",
-                                    "Hq",
-                                    "G",
-                                    "Lq",
-                                    "Lk",
-                                    "L0",
-                                    "L1",
-                                    "K",
-                                    "q_start",
-                                )
-                            },
-                            "QK_SCALE": "constexpr",
-                            "D": "constexpr",
-                            "BD": "constexpr",
-                            "BM": "constexpr",
-                            "BN": "constexpr",
-                            "HAS_PAD": "constexpr",
-                            "UPCAST": "constexpr",
-                            "PREC": "constexpr",
-                        },
-                        {**common, "QK_SCALE": scale * LOG2E, "BM": c["BM"], "BN": c["BN"]},
-                        num_warps=c["num_warps"],
-                        num_stages=c["num_stages"],
-                        hot=hot,
-                        label="fwd " + label,
-                    )
-                )
-                c = _config_gpu(D, "dkdv", dt == "fp32")
-                specs.append(
-                    AotSpec(
-                        _bda_bwd_dkdv_kernel,
-                        {
-                            "Q": ty,
-                            "Kp": ty,
-                            "V": ty,
-                            "DO": ty,
-                            "LSE": "*fp32",
-                            "DELTA": "*fp32",
-                            "DK": ty,
-                            "DV": ty,
-                            "PAD": "*u8",
-                            "FV": "*i32",
-                            **{
-                                n: "i32"
-                                for n in (
-                                    "stride_qb",
-                                    "stride_qh",
-                                    "stride_qm",
-                                    "stride_kb",
-                                    "stride_kh",
-                                    "stride_kn",
-                                    "stride_vb",
-                                    "stride_vh",
-                                    "stride_vn",
-                                    "stride_db",
-                                    "stride_dh",
-                                    "stride_dm",
-                                    "stride_dkb",
-                                    "stride_dkh",
-                                    "stride_dkn",
-                                    "stride_dvb",
-                                    "stride_dvh",
-                                    "stride_dvn",
-                                    "stride_pb",
-                                    "Hq",
-                                    "Hkv",
-                                    "G",
-                                    "Lq",
-                                    "Lk",
-                                    "L0",
-                                    "L1",
-                                    "K",
-                                    "q_start",
-                                )
-                            },
-                            "QK_SCALE": "constexpr",
-                            "SM_SCALE": "constexpr",
-                            "D": "constexpr",
-                            "BD": "constexpr",
-                            "BM": "constexpr",
-                            "BN": "constexpr",
-                            "HAS_PAD": "constexpr",
-                            "UPCAST": "constexpr",
-                            "PREC": "constexpr",
-                        },
-                        {
-                            **common,
-                            "QK_SCALE": scale * LOG2E,
-                            "SM_SCALE": scale,
-                            "BM": c["BM"],
-                            "BN": c["BN"],
-                        },
-                        num_warps=c["num_warps"],
-                        num_stages=c["num_stages"],
-                        hot=hot,
-                        label="dkdv " + label,
-                    )
-                )
-                c = _config_gpu(D, "dq", dt == "fp32")
-                specs.append(
-                    AotSpec(
-                        _bda_bwd_dq_kernel,
-                        {
-                            "Q": ty,
-                            "Kp": ty,
-                            "V": ty,
-                            "DO": ty,
-                            "LSE": "*fp32",
-                            "DELTA": "*fp32",
-                            "DQ": ty,
-                            "PAD": "*u8",
-                            "FV": "*i32",
-                            **{
-                                n: "i32"
-                                for n in (
-                                    "stride_qb",
-                                    "stride_qh",
-                                    "stride_qm",
-                                    "stride_kb",
-                                    "stride_kh",
-                                    "stride_kn",
-                                    "stride_vb",
-                                    "stride_vh",
-                                    "stride_vn",
-                                    "stride_db",
-                                    "stride_dh",
-                                    "stride_dm",
-                                    "stride_dqb",
-                                    "stride_dqh",
-                                    "stride_dqm",
-                                    "stride_pb",
-                                    "Hq",
-                                    "G",
-                                    "Lq",
-                                    "Lk",
-                                    "L0",
-                                    "L1",
-                                    "K",
-                                    "q_start",
-                                )
-                            },
-                            "QK_SCALE": "constexpr",
-                            "SM_SCALE": "constexpr",
-                            "D": "constexpr",
-                            "BD": "constexpr",
-                            "BM": "constexpr",
-                            "BN": "constexpr",
-                            "HAS_PAD": "constexpr",
-                            "UPCAST": "constexpr",
-                            "PREC": "constexpr",
-                        },
-                        {
-                            **common,
-                            "QK_SCALE": scale * LOG2E,
-                            "SM_SCALE": scale,
-                            "BM": c["BM"],
-                            "BN": c["BN"],
-                        },
-                        num_warps=c["num_warps"],
-                        num_stages=c["num_stages"],
-                        hot=hot,
-                        label="dq " + label,
-                    )
-                )
-        for dt, ty in (("bf16", "*bf16"), ("fp16", "*fp16"), ("fp32", "*fp32")):
-            c = _config_gpu(D, "pre")
-            specs.append(
-                AotSpec(
-                    _bda_bwd_preprocess_kernel,
-                    {
-                        "O": ty,
-                        "DO": ty,
-                        "DELTA": "*fp32",
-                        **{
-                            n: "i32"
-                            for n in (
-                                "stride_ob",
-                                "stride_oh",
-                                "stride_om",
-                                "stride_db",
-                                "stride_dh",
-                                "stride_dm",
-                                "Hq",
-                                "Lq",
-                            )
-                        },
-                        "D": "constexpr",
-                        "BD": "constexpr",
-                        "BM": "constexpr",
-                    },
-                    {"D": D, "BD": D, "BM": c["BM"]},
-                    num_warps=c["num_warps"],
-                    num_stages=c["num_stages"],
-                    hot=True,
-                    label=f"pre D={D} {dt}",
-                )
+        for dt, prec, pads in (("bf16", "tf32", (False, True)), ("fp16", "tf32", (True,)), ("fp32", "ieee", (True,))):
+            ty = "*" + dt
+            io = {"Q": ty, "Kp": ty, "V": ty, "LSE": "*fp32", "PAD": "*u8", "FV": "*i32"}
+            kernels = (
+                ("fwd", _bda_fwd_kernel, {**io, "O": ty}),
+                ("dkdv", _bda_bwd_dkdv_kernel, {**io, "DO": ty, "DELTA": "*fp32", "DK": ty, "DV": ty}),
+                ("dq", _bda_bwd_dq_kernel, {**io, "DO": ty, "DELTA": "*fp32", "DQ": ty}),
             )
+            for has_pad in pads:
+                for kind, kernel, ptrs in kernels:
+                    c = _config_gpu(D, kind, dt == "fp32")
+                    consts = {"D": D, "BD": D, "HAS_PAD": has_pad, "UPCAST": False, "PREC": prec,
+                              "QK_SCALE": scale * LOG2E, "BM": c["BM"], "BN": c["BN"]}
+                    if kind != "fwd":
+                        consts["SM_SCALE"] = scale
+                    specs.append(AotSpec(kernel, signature(kernel, ptrs, consts), consts, num_warps=c["num_warps"],
+                                         num_stages=c["num_stages"], label=f"{kind} D={D} {dt} pad={int(has_pad)}"))
+        for dt in ("bf16", "fp16", "fp32"):
+            c = _config_gpu(D, "pre")
+            consts = {"D": D, "BD": D, "BM": c["BM"]}
+            ptrs = {"O": "*" + dt, "DO": "*" + dt, "DELTA": "*fp32"}
+            specs.append(AotSpec(_bda_bwd_preprocess_kernel, signature(_bda_bwd_preprocess_kernel, ptrs, consts),
+                                 consts, num_warps=c["num_warps"], num_stages=c["num_stages"],
+                                 label=f"pre D={D} {dt}"))
     return specs
 
 
