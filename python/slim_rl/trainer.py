@@ -365,7 +365,7 @@ class Trainer:
                 "noisy": r.noisy_ids, "loss_mask": r.loss_mask, "weights": r.weights.float(),
                 "advantages": adv.advantages[kept][ridx], "L1": L1, "group": Q if shared else 1, **info,
                 "mean_abs_adv": float(adv.advantages[kept].abs().mean()),
-                "mask_ratio": float(r.loss_mask.float().sum(1).div(lens[ridx].float()).mean())}
+                "mask_ratio": float(r.loss_mask.float().sum(1).div(L1).mean())}  # |M| / L1 (SPEC §4.7)
 
     # ------------------------------------------------------------------ log-probs and loss
     def _micro(self, rows: dict[str, torch.Tensor], idx: torch.Tensor):
