@@ -37,9 +37,9 @@ constructor                                            L0    L1     n    q_start
 every block of which precedes the current block, plus the K new slots: every pair is allowed,
 except cache pads when ``cache_pad`` is given.)
 
-Position ids (SPEC §3.3, as the reference trainer builds them): ``valid_j = (j ≥ L0) ∨ ¬pad_j``,
-``pos = cumsum(valid) − 1`` over P∪C, pad positions get 1 (they are never attended to except by
-themselves), and every noisy stream reuses C's positions.
+Position ids (SPEC §3.3): ``valid_j = (j ≥ L0) ∨ ¬pad_j``,
+``pos = cumsum(valid) − 1`` over P∪C with nothing overwritten (left pads get −1; pads are hidden keys, so
+their positions change no non-pad output), and every noisy stream reuses C's positions.
 
 Typical use::
 
