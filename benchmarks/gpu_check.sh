@@ -4,6 +4,10 @@
 #   bash benchmarks/gpu_check.sh                       # every op
 #   bash benchmarks/gpu_check.sh tau_budget logprob    # a subset (tau_budget logprob attention generate)
 # Env: TEST_TIMEOUT (s, per op's GPU tests, default 90), BENCH_TIMEOUT (s, per benchmark, default 100).
+# The GPU image has torch, triton, pybind11, pytest but not transformers / hypothesis (the generate and HF tests
+# and the generate benchmark need transformers): carry them as wheels in .whl/ (see the device tool's README:
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl transformers==5.24.0
+# huggingface-hub tokenizers safetensors regex hypothesis ...`); they are installed to /tmp/site when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(pwd)/benchmarks/results/local}
@@ -14,6 +18,13 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-90}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  echo "== wheels from .whl/ =="
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+python3 -c "import transformers" 2>/dev/null || echo "note: transformers missing: generate / HF tests and bench_generate fail"
 
 echo "== install (builds slim_ops._C) =="
 SLIM_OPS_CUDA=ON python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 \

@@ -50,6 +50,8 @@ def _why_not(name: str, device: torch.device, op: str, supported: tuple[str, ...
         return f"op {op!r} has no {name!r} backend (it has: {', '.join(supported)})"
     if name == "torch":
         return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "this torch build or machine has no CUDA device"
     if name == "triton":
         if not _has_triton():
             return "triton is not installed (pip install 'triton==3.6.0' or slim_ops[triton])"
