@@ -21,6 +21,25 @@ _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @triton.jit
+def _logits_tile(h_ptr, w_ptr, N, V, D, row0, col0,
+                 BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, DOT_F32: tl.constexpr):
+    """hidden[row0:row0+BN] · weight[col0:col0+BV]ᵀ accumulated in fp32 over D in BD steps."""
+    p_h = tl.make_block_ptr(h_ptr, (N, D), (D, 1), (row0, 0), (BN, BD), (1, 0))
+    p_w = tl.make_block_ptr(w_ptr, (D, V), (1, D), (0, col0), (BD, BV), (0, 1))
+    acc = tl.zeros([BN, BV], dtype=tl.float32)
+    for _ in range(0, tl.cdiv(D, BD)):
+        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")  # [BN, BD]
+        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")  # [BD, BV]
+        if DOT_F32:
+            acc = tl.dot(b_h.to(tl.float32), b_w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(b_h, b_w, acc)
+        p_h = tl.advance(p_h, (0, BD))
+        p_w = tl.advance(p_w, (BD, 0))
+    return acc
+
+
+@triton.jit
 def _masked_logprob_fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, D, v_split,
                                INV_T: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
                                ENTROPY: tl.constexpr, DOT_F32: tl.constexpr):
@@ -39,18 +58,7 @@ def _masked_logprob_fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, D, v_split,
     for v0 in range(v_lo, v_hi, BV):
         o_v = (v0 + tl.arange(0, BV)).to(tl.int64)
         m_v = o_v < v_hi
-        p_h = tl.make_block_ptr(h_ptr, (N, D), (D, 1), (i_n * BN, 0), (BN, BD), (1, 0))
-        p_w = tl.make_block_ptr(w_ptr, (D, V), (1, D), (0, v0), (BD, BV), (0, 1))
-        acc = tl.zeros([BN, BV], dtype=tl.float32)
-        for _ in range(0, tl.cdiv(D, BD)):
-            b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")  # [BN, BD]
-            b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")  # [BD, BV]
-            if DOT_F32:
-                acc = tl.dot(b_h.to(tl.float32), b_w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(b_h, b_w, acc)
-            p_h = tl.advance(p_h, (0, BD))
-            p_w = tl.advance(p_w, (BD, 0))
+        acc = _logits_tile(h_ptr, w_ptr, N, V, D, i_n * BN, v0, BN, BV, BD, DOT_F32)  # [BN, BV]
         b_z = tl.where(m_v[None, :], acc * INV_T, float("-inf"))  # [BN, BV]
         m_new = tl.maximum(b_m, tl.max(b_z, axis=1))
         alpha = tl.exp(b_m - m_new)
@@ -81,18 +89,7 @@ def _masked_logprob_bwd_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, N, V
     o_c = (i_v * BV + tl.arange(0, BV)).to(tl.int64)  # column inside the chunk
     o_v = v_lo + o_c
     m_v = (o_c < v_cnt) & (o_v < V)
-    p_h = tl.make_block_ptr(h_ptr, (N, D), (D, 1), (i_n * BN, 0), (BN, BD), (1, 0))
-    p_w = tl.make_block_ptr(w_ptr, (D, V), (1, D), (0, v_lo + i_v * BV), (BD, BV), (0, 1))
-    acc = tl.zeros([BN, BV], dtype=tl.float32)
-    for _ in range(0, tl.cdiv(D, BD)):
-        b_h = tl.load(p_h, boundary_check=(0, 1), padding_option="zero")  # [BN, BD]
-        b_w = tl.load(p_w, boundary_check=(0, 1), padding_option="zero")  # [BD, BV]
-        if DOT_F32:
-            acc = tl.dot(b_h.to(tl.float32), b_w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(b_h, b_w, acc)
-        p_h = tl.advance(p_h, (0, BD))
-        p_w = tl.advance(p_w, (BD, 0))
+    acc = _logits_tile(h_ptr, w_ptr, N, V, D, i_n * BN, v_lo + i_v * BV, BN, BV, BD, DOT_F32)  # [BN, BV]
     b_y = tl.load(y_ptr + o_n, mask=m_n, other=-1)
     b_lse = tl.load(lse_ptr + o_n, mask=m_n, other=0.0)
     b_g = tl.load(g_ptr + o_n, mask=m_n, other=0.0).to(tl.float32) * INV_T
