@@ -86,6 +86,13 @@ def _row_param(x: torch.Tensor, R: int, dtype: torch.dtype, name: str, device: t
     return x.contiguous()
 
 
+def _selection_params(tau32, bud, floor, strategy_id: int, R: int, dev):
+    if strategy_id not in (0, 1, 2):
+        raise ValueError(f"strategy_id must be 0 (tau_budget), 1 (threshold) or 2 (topk), got {strategy_id}")
+    return (_row_param(tau32, R, torch.float32, "tau32", dev), _row_param(bud, R, torch.float32, "bud", dev),
+            _row_param(floor, R, torch.int32, "floor", dev))
+
+
 def tau_budget_step_cuda(
     logits: torch.Tensor,
     block: torch.Tensor,
@@ -141,11 +148,7 @@ def tau_budget_step_cuda(
         )
     if not temperature >= 0.0 or temperature == float("inf"):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if strategy_id not in (0, 1, 2):
-        raise ValueError(f"strategy_id must be 0 (tau_budget), 1 (threshold) or 2 (topk), got {strategy_id}")
-    tau32 = _row_param(tau32, R, torch.float32, "tau32", dev)
-    bud = _row_param(bud, R, torch.float32, "bud", dev)
-    floor = _row_param(floor, R, torch.int32, "floor", dev)
+    tau32, bud, floor = _selection_params(tau32, bud, floor, strategy_id, R, dev)
     block = block.contiguous()
     seed = seed.reshape(1).contiguous()
     n_split = num_splits(R * K, V, dev) if splits is None else int(splits)
@@ -226,11 +229,7 @@ def tau_budget_select_cuda(
             f"masked must be a [{R}, {K}] bool tensor on {dev}, got {tuple(masked.shape)} "
             f"{masked.dtype} on {masked.device}"
         )
-    if strategy_id not in (0, 1, 2):
-        raise ValueError(f"strategy_id must be 0 (tau_budget), 1 (threshold) or 2 (topk), got {strategy_id}")
-    tau32 = _row_param(tau32, R, torch.float32, "tau32", dev)
-    bud = _row_param(bud, R, torch.float32, "bud", dev)
-    floor = _row_param(floor, R, torch.int32, "floor", dev)
+    tau32, bud, floor = _selection_params(tau32, bud, floor, strategy_id, R, dev)
     confidence = confidence.contiguous()
     masked = masked.contiguous()
     commit = torch.empty((R, K), dtype=torch.bool, device=dev)
