@@ -11,6 +11,12 @@ Counter-based RNG (shared bit-for-bit by every backend, so a seed reproduces the
     g           = -log(-log(u))                              standard Gumbel, |g| < 17
     x0          = argmax_v (z_v / T + g_v)                   lowest index among equal scores
 This is Gumbel-max sampling: x0 ~ Categorical(softmax(z / T)).
+Random remasking (strategy "random") ranks the eligible slots of a row by a second stream of the same seed:
+    rank(slot)  = mix32(key(slot) ^ 0x5BD1E995)              uint32; larger rank first, lower slot index on ties
+
+Entropy (strategy "entropy_bounded"): H = log S - (Σ_v e_v d_v) / S with d_v = z'_v - max z', e_v = exp(d_v),
+S = Σ_v e_v, where z' = z (T = 0) or z / T (T > 0) and terms with e_v = 0 count 0; fp32, clamped at >= 0. It is the
+entropy of the distribution x0 is taken from (softmax(z) for greedy, softmax(z / T) when sampling).
 
 Invalid slots: a slot whose logits contain NaN or +inf, or are all -inf, has no distribution. It gets
 token = mask_id and confidence = NaN and is never committed (it is excluded from M by every rule).
@@ -22,7 +28,8 @@ import math
 
 import torch
 
-STRATEGIES = ("tau_budget", "threshold", "topk")
+STRATEGIES = ("tau_budget", "threshold", "topk", "entropy_bounded", "factor", "random")
+_RANK_SALT = 0x5BD1E995
 _M32 = 0xFFFFFFFF
 
 
@@ -47,6 +54,14 @@ def gumbel_noise(seed: torch.Tensor, slots: torch.Tensor, vocab: int) -> torch.T
     return -torch.log(-torch.log(u))
 
 
+def random_rank(seed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Random-remasking priorities int64 [len(slots)] in [0, 2^32) for global slot ids `slots` under `seed` ([1])."""
+    s = seed.reshape(()).to(torch.int64)
+    lo, hi = s & _M32, (s >> 32) & _M32
+    key = mix32(hi ^ mix32(lo + slots.to(torch.int64)))
+    return mix32(key ^ _RANK_SALT)
+
+
 def static_floor(block_size: int, steps: int, step: int) -> int:
     """f_j = ⌊K/S⌋ + [j < K mod S]: the least number of commits at step j of a block (SPEC §2.1)."""
     return block_size // steps + (1 if step < block_size % steps else 0)
@@ -59,14 +74,43 @@ def budget(tau: float, m: float, floor: int) -> float:
 
 
 def select_row_ref(c: torch.Tensor, masked: torch.Tensor, tau: float, m: float, floor: int,
-                   strategy: str = "tau_budget") -> tuple[torch.Tensor, int, float]:
-    """One row of SPEC §2.3/§2.4. c [K] fp32, masked [K] bool -> (commit [K] bool, k, risk)."""
+                   strategy: str = "tau_budget", *, entropy: torch.Tensor | None = None, gamma: float = 0.0,
+                   factor: float = 1.0, rank: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float]:
+    """One row of SPEC §2.3/§2.4 and the peer rules below. c [K] fp32, masked [K] bool -> (commit [K] bool, k, risk).
+
+    Eligible slots E: masked, c not NaN (and, for entropy_bounded, entropy not NaN). Every rule picks k slots and
+    commits the first k of an order over E; k is always clamped to |E|, and the floor f is a lower bound on k.
+
+    * tau_budget / threshold / topk: SPEC §2.3/§2.4; order = c descending, lower index first.
+    * entropy_bounded (EB-sampler): order = entropy ascending, lower index first. With S_n the fp32 inclusive prefix
+      sum of the ordered entropies, d_n = fp32(S_n − H_(n)) (H_(n) is the largest of the first n),
+      k_γ = #{n : d_n <= fp32(γ)} (counted over all n, as the peer counts its cumsum − cummax condition; d_1 = 0,
+      so k_γ >= 1 when E is not empty), k = min(max(k_γ, f), |E|).
+    * factor (Fast-dLLM's factor-based parallel decoding): order = c descending, lower index first.
+      u_n = fp32(1 − c_(n)); n_f = max(1, #{n : (n+1)·u_n < factor}) with the product and the comparison in fp64
+      (exact); k = min(max(n_f, f), |E|). Strict "<" is "c_(n) > 1 − factor/(n+1)" (the peer keeps equality); the
+      peer also commits every slot when only the last one fails, which this rule does not.
+    * random (LLaDA's random remasking): order = rank descending (``random_rank``), lower index first;
+      k = min(f, |E|).
+    risk = Σ_{j∈C} fp32(1 − c_j) accumulated in commit order.
+    """
     K = c.shape[0]
     c = c.to(torch.float32)
     tau32 = torch.tensor(tau, dtype=torch.float32)
     eligible = [j for j in range(K) if bool(masked[j]) and not math.isnan(float(c[j]))]
-    order = sorted(eligible, key=lambda j: (-float(c[j]), j))  # ĉ desc, slot index asc
-    above = [j for j in order if c[j] > tau32]  # A, a prefix of `order`
+    if strategy == "entropy_bounded":
+        if entropy is None:
+            raise ValueError("strategy 'entropy_bounded' needs the per-slot entropy")
+        h = entropy.to(torch.float32)
+        eligible = [j for j in eligible if not math.isnan(float(h[j]))]
+        order = sorted(eligible, key=lambda j: (float(h[j]), j))  # entropy asc, slot index asc
+    elif strategy == "random":
+        if rank is None:
+            raise ValueError("strategy 'random' needs the per-slot random ranks")
+        order = sorted(eligible, key=lambda j: (-int(rank[j]), j))
+    else:
+        order = sorted(eligible, key=lambda j: (-float(c[j]), j))  # ĉ desc, slot index asc
+    above = [j for j in order if c[j] > tau32]  # A, a prefix of `order` for the confidence-ordered rules
     if strategy == "tau_budget":
         b = torch.tensor(budget(tau, m, floor), dtype=torch.float32)
         u = torch.zeros((), dtype=torch.float32)
@@ -79,6 +123,24 @@ def select_row_ref(c: torch.Tensor, masked: torch.Tensor, tau: float, m: float, 
     elif strategy == "threshold":
         k = min(max(len(above), floor), len(order))
     elif strategy == "topk":
+        k = min(floor, len(order))
+    elif strategy == "entropy_bounded":
+        g32 = torch.tensor(gamma, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32)
+        k_g = 0
+        for j in order:
+            total = total + h[j]  # fp32 inclusive prefix sum in entropy order
+            if total - h[j] <= g32:  # fp32(S_n − H_(n)) <= fp32(γ)
+                k_g += 1
+        k = min(max(k_g, floor), len(order))
+    elif strategy == "factor":
+        n_f = 0
+        for n, j in enumerate(order, start=1):
+            u = float(torch.tensor(1.0, dtype=torch.float32) - c[j])  # fp32(1 − c), exact in fp64 from here
+            if (n + 1) * u < float(factor):
+                n_f += 1
+        k = min(max(n_f, 1, floor), len(order))
+    elif strategy == "random":
         k = min(floor, len(order))
     else:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -104,14 +166,32 @@ def slot_ref(z: torch.Tensor, temperature: float, noise: torch.Tensor | None) ->
     return x0, float(p[x0])
 
 
+def slot_entropy_ref(z: torch.Tensor, temperature: float) -> float:
+    """Entropy (nats, fp32) of softmax(z) (T = 0) or softmax(z / T) for one valid slot z [V] (module docstring)."""
+    z = z.to(torch.float32)
+    if temperature > 0:
+        z = z / temperature
+    d = z - z.max()
+    e = torch.exp(d)
+    s = e.sum()
+    w = torch.where(e > 0, e * d, torch.zeros((), dtype=torch.float32)).sum()
+    return max(float(torch.log(s) - w / s), 0.0)
+
+
 def tau_budget_step_ref(logits: torch.Tensor, block: torch.Tensor, mask_id: int, *, tau=0.9, m=1.0, floor=1,
                         temperature: float = 0.0, seed: torch.Tensor | None = None,
-                        strategy: str = "tau_budget"):
-    """Per-row loop over SPEC §2 (no top-k/top-p). Returns the same fields as slim_ops.StepOutput."""
+                        strategy: str = "tau_budget", gamma=0.0, factor=1.0, defer_ids=None,
+                        return_entropy: bool = False):
+    """Per-row loop over SPEC §2 (no top-k/top-p). Returns the same fields as slim_ops.StepOutput (+ the entropy
+    [R, K] fp32 when ``return_entropy``; NaN for invalid slots).
+
+    ``defer_ids``: slots whose token x0 is one of these ids get confidence 0 (and entropy +inf) before the selection
+    (LLaDA's confidence_eos_eot_inf): they are committed only when the floor needs them, and last."""
     R, K, V = logits.shape
     per_row = lambda x, i: float(x[i]) if isinstance(x, torch.Tensor) else x  # noqa: E731
     tokens = torch.empty(R, K, dtype=torch.int64)
     conf = torch.empty(R, K, dtype=torch.float32)
+    ent = torch.full((R, K), float("nan"), dtype=torch.float32)
     commit = torch.zeros(R, K, dtype=torch.bool)
     num = torch.zeros(R, dtype=torch.int32)
     risk = torch.zeros(R, dtype=torch.float32)
@@ -124,10 +204,20 @@ def tau_budget_step_ref(logits: torch.Tensor, block: torch.Tensor, mask_id: int,
             x0, c = slot_ref(logits[r, j].cpu(), temperature, noise)
             tokens[r, j] = mask_id if x0 is None else x0
             conf[r, j] = c
+            if x0 is not None:
+                ent[r, j] = slot_entropy_ref(logits[r, j].cpu(), temperature)
+            if x0 is not None and defer_ids is not None and x0 in [int(i) for i in defer_ids]:
+                conf[r, j] = 0.0
+                ent[r, j] = float("inf")
         masked = new_block[r] == mask_id
         fl = int(per_row(floor, r))
-        commit[r], num[r], risk[r] = select_row_ref(conf[r], masked, per_row(tau, r), per_row(m, r), fl, strategy)
+        rank = random_rank(seed.cpu(), torch.arange(r * K, (r + 1) * K)) if strategy == "random" else None
+        commit[r], num[r], risk[r] = select_row_ref(conf[r], masked, per_row(tau, r), per_row(m, r), fl, strategy,
+                                                    entropy=ent[r], gamma=per_row(gamma, r),
+                                                    factor=per_row(factor, r), rank=rank)
         new_block[r] = torch.where(commit[r], tokens[r], new_block[r])
+    if return_entropy:
+        return new_block, commit, tokens, conf, num, risk, ent
     return new_block, commit, tokens, conf, num, risk
 
 

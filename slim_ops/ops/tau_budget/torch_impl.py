@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import torch
 
-from .reference import gumbel_noise
+from .reference import gumbel_noise, random_rank
 
 _CHUNK_ELEMS = 1 << 21  # temporaries per chunk of slots (8-16 MB)
 
 
 def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temperature: float,
-                    top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [R,K,V] -> (tokens [R,K] int64, confidence [R,K] fp32) per SPEC §2.2 (+ invalid-slot rule)."""
+                    top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
+    """logits [R,K,V] -> (tokens [R,K] int64, confidence [R,K] fp32) per SPEC §2.2 (+ invalid-slot rule).
+
+    With ``return_entropy`` also the entropy [R,K] fp32 of the distribution x0 is taken from (reference.py:
+    H = log S − Σ e·d / S, d = z' − max z', e = exp(d), S = Σ e), NaN for invalid slots. It is computed per chunk of
+    slots from two scratch buffers (d and e), never as a [R*K, V] tensor."""
     R, K, V = logits.shape
     flat = logits.reshape(R * K, V)
     n = flat.shape[0]
     tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
     conf = torch.empty(n, dtype=torch.float32, device=logits.device)
+    ent = torch.empty(n, dtype=torch.float32, device=logits.device) if return_entropy else None
     step = max(1, _CHUNK_ELEMS // max(V, 1))
     buf = None
+    ebuf = None
     for s0 in range(0, n, step):  # chunks of slots bound the temporaries; not a loop over rows
         z = flat[s0:s0 + step].float()
         mx, tok = first_max(z)  # first index among equal maxima; NaN propagates into mx
@@ -29,6 +35,7 @@ def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temp
                 buf = torch.empty(min(step, n), V, dtype=torch.float32, device=z.device)
             p = torch.ops.aten._softmax.out(z, -1, False, out=buf[: z.shape[0]])  # fused max/exp/sum/scale
             c = p.gather(1, tok[:, None])[:, 0]  # softmax(z)[argmax] = 1/Σexp(z − max)
+            zt, mt = z, mx[:, None]
         else:
             zt = z / temperature
             if top_k > 0 or top_p < 1.0:
@@ -39,7 +46,25 @@ def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temp
             c = torch.exp(zt.gather(1, tok[:, None]) - mt)[:, 0] / torch.exp(zt - mt).sum(dim=-1)
         tokens[s0:s0 + step] = torch.where(bad, mask_id, tok)
         conf[s0:s0 + step] = torch.where(bad, float("nan"), c)
+        if ent is not None:
+            if ebuf is None:
+                ebuf = torch.empty(2, min(step, n), V, dtype=torch.float32, device=z.device)
+            h = _entropy_chunk(zt, mt, ebuf[0, : z.shape[0]], ebuf[1, : z.shape[0]])
+            ent[s0:s0 + step] = torch.where(bad, float("nan"), h)
+    if ent is not None:
+        return tokens.view(R, K), conf.view(R, K), ent.view(R, K)
     return tokens.view(R, K), conf.view(R, K)
+
+
+def _entropy_chunk(zt: torch.Tensor, mt: torch.Tensor, dbuf: torch.Tensor, ebuf: torch.Tensor) -> torch.Tensor:
+    """Entropy [n] of softmax(zt) for a chunk zt [n, V] with row max mt [n, 1], using two [n, V] scratch buffers.
+
+    −inf logits give d = −inf, clamped to the lowest finite fp32 so that e·d = 0·(finite) = 0 (never NaN)."""
+    d = torch.sub(zt, mt, out=dbuf).clamp_(min=torch.finfo(torch.float32).min)
+    e = torch.exp(d, out=ebuf)
+    s = e.sum(dim=-1)
+    w = torch.bmm(e[:, None, :], d[:, :, None])[:, 0, 0]  # Σ e·d without a third [n, V] buffer
+    return (torch.log(s) - w / s).clamp_(min=0.0)
 
 
 _GROUP = 128
@@ -90,22 +115,39 @@ def filter_top_k_top_p(zt: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 def select_torch(conf: torch.Tensor, masked: torch.Tensor, tau32: torch.Tensor, bud: torch.Tensor,
-                 floor: torch.Tensor, strategy_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC §2.3/2.4 for all rows at once. conf [R,K] fp32, masked [R,K] bool, tau32/bud [R] fp32, floor [R] int.
+                 floor: torch.Tensor, strategy_id: int, sparam: torch.Tensor | None = None,
+                 entropy: torch.Tensor | None = None, rank: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC §2.3/2.4 and the peer rules of ``reference.select_row_ref`` for all rows at once.
 
-    The sums U_r and risk are accumulated sequentially in fp32 in sorted order (a loop over the K <= 64
-    sorted positions, vectorised over rows), which is what makes SPEC example 4 come out exactly."""
+    conf [R,K] fp32, masked [R,K] bool, tau32/bud [R] fp32, floor [R] int; for strategy ids 3/4/5
+    (entropy_bounded / factor / random): sparam [R] fp64 (γ or the factor), entropy [R,K] fp32 (entropy_bounded),
+    rank [R,K] int64 (random). The sums (U_r, S_n, risk) are accumulated sequentially in fp32 in sorted order (a
+    loop over the K <= 64 sorted positions, vectorised over rows), which is what makes SPEC example 4 come out
+    exactly. Every strategy runs here for every backend (torch ops on the tensors' device, no host sync)."""
     R, K = conf.shape
+    dev = conf.device
     eligible = masked & ~torch.isnan(conf)
-    key = torch.where(eligible, conf, float("-inf"))
-    sorted_key, perm = torch.sort(key, dim=1, descending=True, stable=True)
+    if strategy_id == 3:
+        eligible = eligible & ~torch.isnan(entropy)
+        key = torch.where(eligible, entropy, float("inf"))
+        perm = torch.sort(key, dim=1, stable=True).indices  # entropy asc, index asc
+        # ineligible slots last even where an eligible entropy is +inf (deferred slots)
+        perm = perm.gather(1, torch.sort((~eligible.gather(1, perm)).to(torch.int8), dim=1, stable=True).indices)
+    elif strategy_id == 5:
+        key = torch.where(eligible, rank, -1)
+        perm = torch.sort(key, dim=1, descending=True, stable=True).indices  # rank desc, index asc
+    else:
+        key = torch.where(eligible, conf, float("-inf"))
+        perm = torch.sort(key, dim=1, descending=True, stable=True).indices  # ĉ desc, index asc
+    sorted_c = conf.gather(1, perm)
     sorted_elig = eligible.gather(1, perm)
     n_elig = eligible.sum(dim=1)
-    above = sorted_elig & (sorted_key > tau32[:, None])
-    u = torch.where(sorted_elig, 1.0 - sorted_key, 0.0)  # fp32(1 - c) in sorted order
+    above = sorted_elig & (sorted_c > tau32[:, None])
+    u = torch.where(sorted_elig, 1.0 - sorted_c, 0.0)  # fp32(1 - c) in sorted order
     floor = floor.to(n_elig.dtype)
     if strategy_id == 0:
-        total = torch.zeros(R, dtype=torch.float32, device=conf.device)
+        total = torch.zeros(R, dtype=torch.float32, device=dev)
         k_b = torch.zeros_like(n_elig)
         for r in range(K):
             total = total + torch.where(above[:, r], u[:, r], 0.0)
@@ -113,19 +155,56 @@ def select_torch(conf: torch.Tensor, masked: torch.Tensor, tau32: torch.Tensor, 
         k = torch.minimum(torch.maximum(k_b, floor), n_elig)
     elif strategy_id == 1:
         k = torch.minimum(torch.maximum(above.sum(dim=1), floor), n_elig)
-    else:
+    elif strategy_id == 3:
+        h = torch.where(sorted_elig, entropy.gather(1, perm), 0.0)
+        g32 = sparam.to(torch.float32)
+        total = torch.zeros(R, dtype=torch.float32, device=dev)
+        k_g = torch.zeros_like(n_elig)
+        for r in range(K):
+            total = total + h[:, r]
+            k_g = k_g + (sorted_elig[:, r] & ((total - h[:, r]) <= g32))
+        k = torch.minimum(torch.maximum(k_g, floor), n_elig)
+    elif strategy_id == 4:
+        n1 = torch.arange(2, K + 2, device=dev, dtype=torch.float64)  # n + 1 for n = 1..K
+        ok = sorted_elig & (n1[None, :] * u.to(torch.float64) < sparam[:, None])  # exact in fp64
+        n_f = torch.clamp(ok.sum(dim=1), min=1)
+        k = torch.minimum(torch.maximum(n_f, floor), n_elig)
+    else:  # topk (2) and random (5)
         k = torch.minimum(floor, n_elig)
-    commit_sorted = torch.arange(K, device=conf.device)[None, :] < k[:, None]
-    risk = torch.zeros(R, dtype=torch.float32, device=conf.device)
+    commit_sorted = torch.arange(K, device=dev)[None, :] < k[:, None]
+    risk = torch.zeros(R, dtype=torch.float32, device=dev)
     for r in range(K):
         risk = risk + torch.where(commit_sorted[:, r], u[:, r], 0.0)
     commit = torch.zeros_like(commit_sorted).scatter(1, perm, commit_sorted)
     return commit, k.to(torch.int32), risk
 
 
+def defer_slots(tokens: torch.Tensor, conf: torch.Tensor, entropy: torch.Tensor | None, defer_ids: torch.Tensor):
+    """Slots whose token is in ``defer_ids`` get confidence 0 and entropy +inf (LLaDA's confidence_eos_eot_inf)."""
+    hit = torch.isin(tokens, defer_ids) & ~torch.isnan(conf)
+    conf = conf.masked_fill(hit, 0.0)
+    if entropy is not None:
+        entropy = entropy.masked_fill(hit, float("inf"))
+    return conf, entropy
+
+
+def slot_ranks(seed: torch.Tensor, R: int, K: int, device: torch.device) -> torch.Tensor:
+    """Random-remasking priorities [R, K] int64 (reference.random_rank of the global slot ids r*K + j)."""
+    return random_rank(seed.to(device), torch.arange(R * K, device=device)).view(R, K)
+
+
 def tau_budget_step_torch(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id,
-                          top_k: int = 0, top_p: float = 1.0):
-    tokens, conf = slot_pass_torch(logits, mask_id, seed, temperature, top_k, top_p)
-    commit, num, risk = select_torch(conf, block == mask_id, tau32, bud, floor, strategy_id)
+                          top_k: int = 0, top_p: float = 1.0, sparam=None, defer_ids=None):
+    entropy = None
+    if strategy_id == 3:
+        tokens, conf, entropy = slot_pass_torch(logits, mask_id, seed, temperature, top_k, top_p, return_entropy=True)
+    else:
+        tokens, conf = slot_pass_torch(logits, mask_id, seed, temperature, top_k, top_p)
+    if defer_ids is not None:
+        conf_sel, entropy = defer_slots(tokens, conf, entropy, defer_ids)
+    else:
+        conf_sel = conf
+    rank = slot_ranks(seed, *block.shape, block.device) if strategy_id == 5 else None
+    commit, num, risk = select_torch(conf_sel, block == mask_id, tau32, bud, floor, strategy_id, sparam, entropy, rank)
     new_block = torch.where(commit, tokens, block)
-    return new_block, commit, tokens, conf, num, risk
+    return new_block, commit, tokens, conf_sel, num, risk
