@@ -2,10 +2,23 @@
 
 Each ``slim_ops/ops/<op>/triton.py`` exposes ``AOT_SPECS``: a list of :class:`AotSpec`, one per
 kernel configuration the launchers can pick. :func:`compile_triton` builds each for
-``GPUTarget("cuda", 90, 32)`` and reads registers / spills from the cubin with the cuobjdump that
-ships in triton's package. :func:`compile_cuda` runs nvcc with ``-Xptxas -v`` on every ``.cu`` of
-csrc/sources.txt for compute_90a,sm_90a. Run as ``python -m slim_ops._aot`` for a report; it must
-run with TRITON_INTERPRET unset (the tests call it in a subprocess).
+``GPUTarget("cuda", 90, 32)`` with the specialisation a real launch gets (16-byte aligned pointers;
+every integer argument whose launch value the spec states in ``ints`` specialised exactly as Triton's
+launcher does: 1 becomes a constant, a multiple of 16 gets ``tt.divisibility = 16``, a value beyond
+int32 becomes i64) and reports, per configuration:
+
+- registers and spills (local memory / stack) from the cubin, read with the cuobjdump in triton's package;
+- dynamic shared memory (``metadata.shared``: the pipeline buffers and layout conversions; the cubin's
+  static 1 KB reservation is not it);
+- the tensor-core instructions in the PTX: ``wgmma.mma_async`` shapes (m64nNk16) and any ``mma.sync``;
+- the loads inside loops (backward branches in the PTX): asynchronous copies (``cp.async``, TMA
+  ``cp.async.bulk.tensor``) versus synchronous ``ld.global``.
+
+:func:`compile_cuda` runs nvcc with ``-Xptxas -v`` on every ``.cu`` of csrc/sources.txt for
+compute_90a,sm_90a. Run as ``python -m slim_ops._aot [all|triton|cuda] [--json] [--jobs N]`` for a
+report; it must run with TRITON_INTERPRET unset (the tests call it in a subprocess). Triton configurations
+compile in ``--jobs`` worker processes (default: the CPU count, at most 4); triton's own cache
+(``TRITON_CACHE_DIR``) makes a second run cheap.
 """
 
 from __future__ import annotations
@@ -17,8 +30,9 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +51,11 @@ class AotSpec:
     hot: bool = True  # hot kernels must not spill
     label: str = ""
     aligned: bool = True  # pointers 16-byte aligned, as real launches specialise them (enables vector/async loads)
+    # representative launch values of integer arguments (strides, V, D, ...): each is specialised as Triton's
+    # launcher specialises that value (==1 -> constant, %16 == 0 -> divisibility 16, beyond int32 -> i64).
+    # Arguments not listed are compiled unspecialised (the conservative choice, e.g. a row count).
+    ints: dict[str, int] = dataclasses.field(default_factory=dict)
+    streaming: bool = False  # the hot loop streams global memory: its loads must be asynchronous
 
 
 def signature(kernel: Any, ptrs: dict[str, str], constexprs: dict[str, Any], scalar: str = "i32",
@@ -79,39 +98,155 @@ def _resources(cubin: bytes) -> dict[str, int]:
     if not m:
         raise RuntimeError(f"cannot parse cuobjdump output: {out}")
     reg, stack, shared, local = (int(x) for x in m.groups())
-    return {"regs": reg, "stack": stack, "shared": shared, "local": local}
+    return {"regs": reg, "stack": stack, "static_shared": shared, "local": local}
 
 
-def compile_triton(modules: list[str] | None = None) -> list[dict[str, Any]]:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("run the AOT compile with TRITON_INTERPRET unset")
+_LABEL = re.compile(r"^\s*(\$L__\w+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+)\s*;")
+_WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
+_MMA_SYNC = re.compile(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)")
+_ASYNC_LOAD = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared|\bcp\.async\.bulk\.tensor")
+_SYNC_LOAD = re.compile(r"\bld\.global")
+
+
+def analyse_ptx(ptx: str) -> dict[str, Any]:
+    """Tensor-core shapes and the loads inside loops of a kernel's PTX. A loop is the text between a label
+    and a later branch back to it (Triton emits structured control flow, so this covers every loop body)."""
+    lines = ptx.splitlines()
+    label_at: dict[str, int] = {}
+    for i, ln in enumerate(lines):
+        m = _LABEL.match(ln)
+        if m:
+            label_at[m.group(1)] = i
+    depth = [0] * (len(lines) + 1)
+    n_loops = 0
+    for i, ln in enumerate(lines):
+        m = _BRANCH.search(ln)
+        if m and m.group(1) in label_at and label_at[m.group(1)] <= i:
+            depth[label_at[m.group(1)]] += 1
+            depth[i + 1] -= 1
+            n_loops += 1
+    loop_async = loop_sync = 0
+    d = 0
+    for i, ln in enumerate(lines):
+        d += depth[i]
+        if d > 0:
+            loop_async += len(_ASYNC_LOAD.findall(ln))
+            loop_sync += len(_SYNC_LOAD.findall(ln))
+    wgmma = sorted({f"m{m}n{n}k{k}" for m, n, k in _WGMMA.findall(ptx)}, key=lambda s: int(s.split("n")[1][:-3]))
+    return {
+        "wgmma": wgmma,
+        "wgmma_n_min": min((int(n) for _, n, _ in _WGMMA.findall(ptx)), default=0),
+        "mma_sync": sorted(set(_MMA_SYNC.findall(ptx))),
+        "loops": n_loops,
+        "loop_async_loads": loop_async,
+        "loop_sync_loads": loop_sync,
+        "async_loads": len(_ASYNC_LOAD.findall(ptx)),
+    }
+
+
+def launch_specialisation(spec: AotSpec) -> tuple[dict[str, str], dict[str, Any], dict[tuple[int], list]]:
+    """(signature, constexprs, attrs) of `spec` as a real launch with its pointer alignment and `ints` gets."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    fn = spec.kernel
+    params = {p.name: p for p in getattr(fn, "params", [])}
+    unknown = set(spec.ints) - set(spec.signature)
+    if unknown:
+        raise ValueError(f"ints names unknown argument(s) {sorted(unknown)}")
+    sig = dict(spec.signature)
+    consts = dict(spec.constexprs)
+    attrs: dict[tuple[int], list] = {}
+    for i, (name, ty) in enumerate(spec.signature.items()):
+        p = params.get(name)
+        if ty.startswith("*"):
+            if spec.aligned and not (p is not None and p.do_not_specialize_on_alignment):
+                attrs[(i,)] = CUDABackend.parse_attr("D")
+        elif name in spec.ints:
+            if ty == "constexpr":
+                raise ValueError(f"{name} is a constexpr, not an integer argument")
+            specialise = not (p is not None and p.do_not_specialize)
+            align = not (p is not None and p.do_not_specialize_on_alignment)
+            kind, attr = native_specialize_impl(CUDABackend, int(spec.ints[name]), False, specialise, align)
+            if kind == "constexpr":
+                sig[name] = "constexpr"
+                consts[name] = attr
+            else:
+                sig[name] = kind
+                if attr:
+                    attrs[(i,)] = CUDABackend.parse_attr(attr)
+    return sig, consts, attrs
+
+
+def _specialised_names(sig: dict[str, str], attrs: dict) -> str:
+    names = list(sig)
+    return ",".join(names[i[0]] for i in attrs if not sig[names[i[0]]].startswith("*"))
+
+
+def _compile_one(mod_name: str, index: int) -> dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
-    records = []
+    spec = importlib.import_module(mod_name).AOT_SPECS[index]
+    fn = spec.kernel
+    name = getattr(fn, "__name__", None) or fn.fn.__name__
+    rec: dict[str, Any] = {"module": mod_name, "kernel": name, "label": spec.label,
+                           "constexprs": {k: str(v) for k, v in spec.constexprs.items()},
+                           "num_warps": spec.num_warps, "num_stages": spec.num_stages, "hot": spec.hot,
+                           "streaming": spec.streaming}
+    t0 = time.perf_counter()
+    try:
+        sig, consts, attrs = launch_specialisation(spec)
+        rec["div16"] = _specialised_names(sig, attrs)
+        rec["const1"] = ",".join(n for n in spec.ints if sig[n] == "constexpr")
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        rec.update(_resources(c.asm["cubin"]))
+        rec["shared"] = int(c.metadata.shared)
+        rec.update(analyse_ptx(c.asm["ptx"]))
+        rec["ok"] = True
+    except Exception as exc:  # noqa: BLE001 - reported, and the test fails on it
+        rec["ok"] = False
+        rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def _compile_many(jobs: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    return [_compile_one(m, i) for m, i in jobs]
+
+
+def default_jobs() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def compile_triton(modules: list[str] | None = None, jobs: int | None = None) -> list[dict[str, Any]]:
+    """Compile every AOT_SPECS entry of `modules` (default: every op with a triton.py), in order."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("run the AOT compile with TRITON_INTERPRET unset")
+    work = []
     for mod_name in modules or _ops_with_triton():
-        mod = importlib.import_module(mod_name)
-        for spec in getattr(mod, "AOT_SPECS", []):
-            fn = spec.kernel
-            name = getattr(fn, "__name__", None) or fn.fn.__name__
-            rec: dict[str, Any] = {"module": mod_name, "kernel": name, "label": spec.label,
-                                   "constexprs": {k: str(v) for k, v in spec.constexprs.items()},
-                                   "num_warps": spec.num_warps, "hot": spec.hot}
-            try:
-                attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(spec.signature.values())
-                         if spec.aligned and t.startswith("*")}
-                src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-                c = triton.compile(src, target=target,
-                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-                rec.update(_resources(c.asm["cubin"]))
-                rec["ok"] = True
-            except Exception as exc:  # noqa: BLE001 - reported, and the test fails on it
-                rec["ok"] = False
-                rec["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            records.append(rec)
-    return records
+        n = len(getattr(importlib.import_module(mod_name), "AOT_SPECS", []))
+        work += [(mod_name, i) for i in range(n)]
+    jobs = max(1, min(jobs or default_jobs(), len(work) or 1))
+    if jobs == 1:
+        return _compile_many(work)
+    import multiprocessing
+
+    from slim_ops._aot import _compile_many as compile_share  # picklable by module name, also under -m
+
+    # interleaved shares: neighbouring specs (similar cost) go to different workers
+    shares = [work[w::jobs] for w in range(jobs)]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(compile_share, shares))
+    out: list[dict[str, Any]] = [{}] * len(work)
+    for w, recs in enumerate(results):
+        for k, rec in enumerate(recs):
+            out[w + k * jobs] = rec
+    return out
 
 
 def _read_list(name: str) -> list[str]:
@@ -147,15 +282,25 @@ def compile_cuda() -> list[dict[str, Any]]:
     return records
 
 
+def spills(rec: dict[str, Any]) -> bool:
+    return bool(rec.get("local") or rec.get("stack"))
+
+
 def format_report(triton_recs: list[dict[str, Any]], cuda_recs: list[dict[str, Any]]) -> str:
-    lines = ["AOT compile report (sm_90a)"]
+    lines = ["AOT compile report (sm_90a, launch-like specialisation)"]
+    if triton_recs:
+        lines.append(f"  {'triton kernel':<33} {'configuration':<30} {'w/s':>4} {'regs':>4} {'spill':>5} "
+                     f"{'smem':>6} {'wgmma':<17} {'loop loads async/sync':>21}  div16")
     for r in triton_recs:
+        head = f"  {r['kernel'][:33]:<33} {r['label'][:30]:<30}"
         if r["ok"]:
-            spill = "SPILLS" if r["local"] or r["stack"] else "no spills"
-            lines.append(f"  triton {r['kernel']:<40} {r['label']:<28} warps={r['num_warps']} regs={r['regs']:>3} "
-                         f"smem={r['shared']:>6} local={r['local']} stack={r['stack']} {spill}")
+            mma = ",".join(s.split("k")[0] for s in r["wgmma"]) or ("mma.sync" if r["mma_sync"] else "-")
+            spill = f"{r['local']}+{r['stack']}" if spills(r) else "0"
+            lines.append(f"{head} {r['num_warps']:>2}/{r['num_stages']} {r['regs']:>4} {spill:>5} "
+                         f"{r['shared']:>6} {mma[:17]:<17} {r['loop_async_loads']:>11}/{r['loop_sync_loads']:<9}"
+                         f"  {r['div16'] or '-'}{' const1=' + r['const1'] if r['const1'] else ''}")
         else:
-            lines.append(f"  triton {r['kernel']:<40} {r['label']:<28} COMPILE ERROR: {r['error'][:300]}")
+            lines.append(f"{head} COMPILE ERROR: {r['error'][:300]}")
     for r in cuda_recs:
         if not r["ok"]:
             lines.append(f"  nvcc   {r['source']}: COMPILE ERROR\n{r['error']}")
@@ -165,14 +310,25 @@ def format_report(triton_recs: list[dict[str, Any]], cuda_recs: list[dict[str, A
     return "\n".join(lines)
 
 
-def main() -> None:
-    what = sys.argv[1] if len(sys.argv) > 1 else "all"
-    t = compile_triton() if what in ("all", "triton") else []
-    c = compile_cuda() if what in ("all", "cuda") else []
-    if "--json" in sys.argv:
-        print(json.dumps({"triton": t, "cuda": c}))
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m slim_ops._aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", nargs="?", default="all", choices=("all", "triton", "cuda"))
+    ap.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes for Triton (default: min(4, CPUs))")
+    ap.add_argument("--module", action="append", default=None,
+                    help="only this triton module (e.g. slim_ops.ops.masked_logprob.triton); repeatable")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    t = compile_triton(args.module, args.jobs) if args.what in ("all", "triton") else []
+    c = compile_cuda() if args.what in ("all", "cuda") else []
+    if args.json:
+        print(json.dumps({"triton": t, "cuda": c, "seconds": round(time.perf_counter() - t0, 1)}))
     else:
         print(format_report(t, c))
+        print(f"({len(t)} Triton configurations, {sum(len(r['functions']) for r in c)} CUDA functions, "
+              f"{time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,9 @@ def logprob_from_logits_bwd_triton(grad_logp, logits, labels, lse, temperature: 
     return dz
 
 
+_AOT_V, _AOT_D = 151936, 4096  # launch values the AOT report specialises for (a 151936-token vocabulary)
+
+
 def _aot_specs() -> list[AotSpec]:
     specs = []
     tdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -268,7 +271,7 @@ def _aot_specs() -> list[AotSpec]:
                              {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "y_ptr": "*i64", "part_ptr": "*fp32",
                               "N": "i32", "V": "i32", "D": "i32", "v_split": "i32",
                               **{k: "constexpr" for k in const}}, const, num_warps=nw, num_stages=ns,
-                             label=f"{dt} entropy={ent}"))
+                             label=f"{dt} entropy={ent}", ints={"V": _AOT_V, "D": _AOT_D, "v_split": 8 * BV}))
     for dt in ("bf16", "fp16", "fp32"):
         BN, BV, BD, nw, ns = GPU_TILES[tdt[dt]]
         const = {"INV_T": 1.0, "BN": BN, "BV": BV, "BD": BD, "DOT_F32": dt == "fp32"}
@@ -277,18 +280,20 @@ def _aot_specs() -> list[AotSpec]:
                               "g_ptr": "*fp32", "dz_ptr": f"*{dt}", "N": "i32", "V": "i32", "D": "i32",
                               "v_lo": "i32", "v_cnt": "i32", "s_dz": "i32",
                               **{k: "constexpr" for k in const}}, const, num_warps=nw, num_stages=ns,
-                             label=dt))
+                             label=dt, ints={"V": _AOT_V, "D": _AOT_D, "v_lo": 0, "s_dz": 64 * BV}))
     for dt in ("bf16", "fp32"):
         const = {"INV_T": 1.0, "BV": 4096, "ENTROPY": True}
         specs.append(AotSpec(_logprob_from_logits_fwd_kernel,
                              {"z_ptr": f"*{dt}", "y_ptr": "*i64", "logp_ptr": "*fp32", "lse_ptr": "*fp32",
                               "ent_ptr": "*fp32", "V": "i32", "s_z": "i32",
-                              **{k: "constexpr" for k in const}}, const, num_warps=8, label=dt))
+                              **{k: "constexpr" for k in const}}, const, num_warps=8, label=dt,
+                             ints={"V": _AOT_V, "s_z": _AOT_V}, streaming=True))
         const = {"INV_T": 1.0, "BV": 4096}
         specs.append(AotSpec(_logprob_from_logits_bwd_kernel,
                              {"g_ptr": "*fp32", "z_ptr": f"*{dt}", "y_ptr": "*i64", "lse_ptr": "*fp32",
                               "dz_ptr": f"*{dt}", "V": "i32", "s_z": "i32", "s_dz": "i32",
-                              **{k: "constexpr" for k in const}}, const, num_warps=8, label=dt))
+                              **{k: "constexpr" for k in const}}, const, num_warps=8, label=dt,
+                             ints={"V": _AOT_V, "s_z": _AOT_V, "s_dz": _AOT_V}, streaming=True))
     return specs
 
 

@@ -222,14 +222,15 @@ def _aot_specs() -> list[AotSpec]:
                              {"logp_ptr": "*fp32", "old_ptr": "*fp32", "mask_ptr": "*u8", "adv_ptr": "*fp32",
                               "rows_ptr": "*fp32", "L": "i32", "L1": "i32", "s_lp": "i32", "s_old": "i32",
                               "s_m": "i32", **{k: "constexpr" for k in const}}, const, num_warps=4,
-                             label=label))
+                             label=label, ints=dict.fromkeys(("L", "s_lp", "s_old", "s_m"), 2048)))
         const_b = dict(const, KL_COEF=0.01)
         specs.append(AotSpec(_slim_policy_loss_bwd_kernel,
                              {"gl_ptr": "*fp32", "logp_ptr": "*fp32", "old_ptr": "*fp32", "mask_ptr": "*u8",
                               "adv_ptr": "*fp32", "w_ptr": "*fp32", "grad_ptr": "*fp32", "B": "i32",
                               "L": "i32", "L1": "i32", "s_lp": "i32", "s_old": "i32", "s_m": "i32",
                               "s_g": "i32",
-                              **{k: "constexpr" for k in const_b}}, const_b, num_warps=4, label=label))
+                              **{k: "constexpr" for k in const_b}}, const_b, num_warps=4, label=label,
+                             ints=dict.fromkeys(("L", "s_lp", "s_old", "s_m", "s_g"), 2048)))
     return specs
 
 

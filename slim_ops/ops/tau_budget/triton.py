@@ -196,7 +196,8 @@ AOT_SPECS = [
             {"p_logits": f"*{dt}", "p_tokens": "*i64", "p_conf": "*fp32", "p_seed": "*i64", "p_temp": "*fp32",
              "K": "i32", "V": "i32", "stride_r": "i64", "stride_k": "i64", "mask_id": "i32",
              "BV": "constexpr", "GREEDY": "constexpr"},
-            {"BV": bv, "GREEDY": greedy}, num_warps=_NUM_WARPS_V, label=f"{dt} BV={bv} greedy={greedy}")
+            {"BV": bv, "GREEDY": greedy}, num_warps=_NUM_WARPS_V, label=f"{dt} BV={bv} greedy={greedy}",
+            ints={"K": 16, "V": 151936, "stride_r": 16 * 151936, "stride_k": 151936}, streaming=True)
     for dt in _DT for greedy in (True, False) for bv in _BV_CHOICES
 ] + [
     AotSpec(_tau_budget_select_kernel,
@@ -206,6 +207,6 @@ AOT_SPECS = [
              "K": "i32", "mask_id": "i32", "stride_br": "i64", "stride_bk": "i64",
              "BK": "constexpr", "STRATEGY": "constexpr", "FROM_BLOCK": "constexpr"},
             {"BK": bk, "STRATEGY": st, "FROM_BLOCK": fb}, num_warps=1 if bk <= 32 else 2,
-            label=f"BK={bk} strategy={st} step={fb}")
+            label=f"BK={bk} strategy={st} step={fb}", ints={"K": bk, "stride_br": bk, "stride_bk": 1})
     for bk in (16, 64) for st in (0, 1, 2) for fb in (True, False)
 ]
