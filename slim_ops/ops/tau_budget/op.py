@@ -17,7 +17,7 @@ from torch import Tensor
 from slim_ops import _backend
 
 from .reference import STRATEGIES, static_floor
-from .torch_impl import select_torch, tau_budget_step_torch
+from .torch_impl import defer_slots, select_torch, slot_ranks, tau_budget_step_torch
 
 __all__ = ["StepOutput", "tau_budget_step", "tau_budget_select", "static_floor"]
 
@@ -106,6 +106,32 @@ def _params(fn: str, R: int, device: torch.device, tau, m, floor):
     return tau64.to(torch.float32), bud, fl.to(torch.int32)
 
 
+_SPLIT = 3  # strategy ids >= this (entropy_bounded, factor, random) select in the shared torch selection
+
+
+def _strategy_param(fn: str, R: int, device: torch.device, sid: int, gamma, factor) -> Tensor | None:
+    """[R] fp64 γ (entropy_bounded) or factor (factor) checked like tau; None for the other strategies."""
+    if sid == 3:
+        g = _row_param(fn, "gamma", gamma, R, device, integer=False, lo=0.0, hi=None, lo_open=False, hi_open=False)
+        return g if isinstance(g, Tensor) else torch.full((R,), g, dtype=torch.float64, device=device)
+    if sid == 4:
+        f = _row_param(fn, "factor", factor, R, device, integer=False, lo=0.0, hi=None, lo_open=True, hi_open=False)
+        return f if isinstance(f, Tensor) else torch.full((R,), f, dtype=torch.float64, device=device)
+    return None
+
+
+def _defer_ids(fn: str, ids, V: int, device: torch.device) -> Tensor | None:
+    if ids is None:
+        return None
+    t = torch.as_tensor(ids)
+    if t.dim() != 1 or t.is_floating_point() or t.dtype == torch.bool:
+        _fail(fn, f"defer_ids must be a 1-D sequence of int token ids, got {getattr(t, 'dtype', None)} "
+                  f"{tuple(t.shape)}")
+    if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
+        _fail(fn, f"defer_ids must lie in [0, V={V})")
+    return t.to(device=device, dtype=torch.int64)
+
+
 def _strategy_id(fn: str, strategy: str) -> int:
     if strategy not in STRATEGIES:
         _fail(fn, f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -119,7 +145,11 @@ def _strategy_id(fn: str, strategy: str) -> int:
 @torch.library.custom_op("slim_ops::tau_budget_step", mutates_args=())
 def _tau_budget_step_op(logits: Tensor, block: Tensor, mask_id: int, tau32: Tensor, bud: Tensor, floor: Tensor,
                         seed: Tensor, temperature: float, strategy_id: int, top_k: int, top_p: float,
-                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        backend: str, sparam: Tensor | None = None,
+                        defer_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if strategy_id >= _SPLIT or defer_ids is not None:
+        return _split_step(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, top_k, top_p,
+                           backend, sparam, defer_ids)
     if backend == "torch" or (temperature > 0 and (top_k > 0 or top_p < 1.0)):
         if backend != "torch":  # documented path: the filtered distribution is built in PyTorch, select in-kernel
             from .torch_impl import slot_pass_torch
@@ -138,15 +168,41 @@ def _tau_budget_step_op(logits: Tensor, block: Tensor, mask_id: int, tau32: Tens
     return tau_budget_step_cuda(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id)
 
 
+def _split_step(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, top_k, top_p, backend,
+                sparam, defer_ids):
+    """Slot pass, then the shared vectorised selection (``torch_impl.select_torch``, on the device, no host sync).
+
+    factor, random and the SPEC rules with ``defer_ids`` need only (tokens, confidence) from the slot pass: every
+    backend's own fused step, run with strategy topk and floor 0 (it commits nothing), gives them, so the result
+    is exact for every backend. entropy_bounded also needs the per-slot entropy, which the triton / cuda / cpu
+    kernels do not produce yet: its slot pass runs in the torch backend (chunked, same function) whatever
+    ``backend`` says, until a kernel fuses it."""
+    if backend == "torch" or strategy_id == 3:
+        return tau_budget_step_torch(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id,
+                                     top_k, top_p, sparam, defer_ids)
+    out = torch.ops.slim_ops.tau_budget_step.default(logits, block, mask_id, tau32, bud, torch.zeros_like(floor),
+                                                     seed, temperature, 2, top_k, top_p, backend)
+    tokens, conf = out[2], out[3]
+    if defer_ids is not None:
+        conf, _ = defer_slots(tokens, conf, None, defer_ids)
+    rank = slot_ranks(seed, *block.shape, block.device) if strategy_id == 5 else None
+    commit, num, risk = select_torch(conf, block == mask_id, tau32, bud, floor, strategy_id, sparam, None, rank)
+    return torch.where(commit, tokens, block), commit, tokens, conf, num, risk
+
+
 @_tau_budget_step_op.register_fake
-def _(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, top_k, top_p, backend):
+def _(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, top_k, top_p, backend, sparam=None,
+      defer_ids=None):
     R, K, _ = logits.shape
     e = logits.new_empty
     return (e((R, K), dtype=torch.int64), e((R, K), dtype=torch.bool), e((R, K), dtype=torch.int64),
             e((R, K), dtype=torch.float32), e((R,), dtype=torch.int32), e((R,), dtype=torch.float32))
 
 
-def _select_dispatch(conf, masked, tau32, bud, floor, strategy_id, backend):
+def _select_dispatch(conf, masked, tau32, bud, floor, strategy_id, backend, sparam=None, entropy=None, seed=None):
+    if strategy_id >= _SPLIT:  # entropy_bounded / factor / random: the shared selection for every backend
+        rank = slot_ranks(seed, *conf.shape, conf.device) if strategy_id == 5 else None
+        return select_torch(conf, masked, tau32, bud, floor, strategy_id, sparam, entropy, rank)
     if backend == "triton":
         from .triton import tau_budget_select_triton
 
@@ -160,12 +216,13 @@ def _select_dispatch(conf, masked, tau32, bud, floor, strategy_id, backend):
 
 @torch.library.custom_op("slim_ops::tau_budget_select", mutates_args=())
 def _tau_budget_select_op(confidence: Tensor, masked: Tensor, tau32: Tensor, bud: Tensor, floor: Tensor,
-                          strategy_id: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _select_dispatch(confidence, masked, tau32, bud, floor, strategy_id, backend)
+                          strategy_id: int, backend: str, sparam: Tensor | None = None, entropy: Tensor | None = None,
+                          seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _select_dispatch(confidence, masked, tau32, bud, floor, strategy_id, backend, sparam, entropy, seed)
 
 
 @_tau_budget_select_op.register_fake
-def _(confidence, masked, tau32, bud, floor, strategy_id, backend):
+def _(confidence, masked, tau32, bud, floor, strategy_id, backend, sparam=None, entropy=None, seed=None):
     R, K = confidence.shape
     e = confidence.new_empty
     return e((R, K), dtype=torch.bool), e((R,), dtype=torch.int32), e((R,), dtype=torch.float32)
@@ -178,7 +235,8 @@ def _(confidence, masked, tau32, bud, floor, strategy_id, backend):
 def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float | Tensor = 0.9,
                     m: float | Tensor = 1.0, floor: int | Tensor = 1, temperature: float = 0.0, top_k: int = 0,
                     top_p: float = 1.0, generator: torch.Generator | None = None, strategy: str = "tau_budget",
-                    backend: str | None = None) -> StepOutput:
+                    backend: str | None = None, gamma: float | Tensor = 0.1, factor: float | Tensor = 1.0,
+                    defer_ids=None) -> StepOutput:
     """One denoising step of one block for R sequences (SPEC.md §2).
 
     Args:
@@ -195,8 +253,20 @@ def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float |
             built by the documented PyTorch path (full-vocab sort per slot), then selection runs in the backend.
         generator: torch.Generator for the seed (one int64 drawn per call, on the generator's device).
         strategy: "tau_budget" (commit the most confident above-τ slots while Σ(1−c) <= fp32(m_eff·(1−τ)), at least
-            f), "threshold" (all above τ, at least f) or "topk" (exactly f); all clamped to |M|.
+            f), "threshold" (all above τ, at least f), "topk" (exactly f), or the peers' rules (exact definitions in
+            ``reference.select_row_ref``): "entropy_bounded" (EB-sampler: the lowest-entropy slots while
+            Σ H − max H <= γ), "factor" (Fast-dLLM: the n most confident while (n+1)(1 − c_n) < factor, at least
+            one) and "random" (LLaDA's random remasking: f uniformly random slots, from the counter-based RNG of
+            reference.py seeded by ``generator``). Every rule is clamped to |M| and takes at least f slots where M
+            has them (the peers' top-k can pick already-committed slots when f > |M|; here it cannot).
         backend: "torch" | "triton" | "cuda" | None (auto: fastest for the device; see slim_ops._backend).
+            entropy_bounded runs its slot pass in the torch backend for every backend (the kernels do not compute
+            the entropy yet); factor / random / defer_ids use the backend's slot pass and the shared selection.
+        gamma: γ >= 0 of "entropy_bounded" (float or [R] tensor), compared as fp32(γ).
+        factor: factor > 0 of "factor" (float or [R] tensor); the comparison is exact (fp64).
+        defer_ids: token ids (sequence or 1-D tensor) whose slots get confidence 0 and entropy +inf before the
+            selection (LLaDA's confidence_eos_eot_inf): committed only when the floor needs them; the returned
+            confidence is the one the selection used.
 
     Returns:
         :class:`StepOutput` (block, commit, tokens, confidence, num_committed, risk); everything stays on the device
@@ -231,19 +301,21 @@ def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float |
         _fail(fn, f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     sid = _strategy_id(fn, strategy)
     tau32, bud, fl = _params(fn, R, logits.device, tau, m, floor)
+    sparam = _strategy_param(fn, R, logits.device, sid, gamma, factor)
+    dids = _defer_ids(fn, defer_ids, V, logits.device)
     name = _backend.pick(fn, logits.device, backend)
     logits = logits.detach()  # the decode step is not differentiable
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     temperature = float(temperature)
-    if temperature > 0:
+    if temperature > 0 or strategy == "random":
         gdev = generator.device if generator is not None else logits.device
         seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
         seed = seed.to(logits.device, non_blocking=True)
     else:
         seed = _zero_seed(logits.device)
     out = _tau_budget_step_op(logits, block, mask_id, tau32, bud, fl, seed, temperature, sid, int(top_k),
-                              float(top_p), name)
+                              float(top_p), name, sparam, dids)
     return StepOutput(*out)
 
 
@@ -254,11 +326,14 @@ def _zero_seed(device: torch.device) -> Tensor:
 
 def tau_budget_select(confidence: Tensor, masked: Tensor, *, tau: float | Tensor = 0.9, m: float | Tensor = 1.0,
                       floor: int | Tensor = 1, strategy: str = "tau_budget",
-                      backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Commit selection alone (SPEC §2.3/§2.4) on given confidences.
+                      backend: str | None = None, gamma: float | Tensor = 0.1, factor: float | Tensor = 1.0,
+                      entropy: Tensor | None = None,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Commit selection alone (SPEC §2.3/§2.4 and the peer rules) on given confidences.
 
     Args: confidence [R, K] float (computed in fp32; NaN = not eligible), masked [R, K] bool (the set M); tau, m,
-    floor, strategy as in :func:`tau_budget_step`.
+    floor, strategy, gamma, factor as in :func:`tau_budget_step`; entropy [R, K] float (fp32; NaN = not eligible),
+    required by "entropy_bounded"; generator seeds "random" (one int64 per call; ranks of slots r*K + j).
     Returns: (commit [R, K] bool, num_committed [R] int32, risk [R] fp32)."""
     fn = "tau_budget_select"
     if not isinstance(confidence, Tensor) or confidence.dim() != 2:
@@ -275,5 +350,23 @@ def tau_budget_select(confidence: Tensor, masked: Tensor, *, tau: float | Tensor
         _fail(fn, f"masked is on {masked.device} but confidence is on {confidence.device}")
     sid = _strategy_id(fn, strategy)
     tau32, bud, fl = _params(fn, R, confidence.device, tau, m, floor)
+    sparam = _strategy_param(fn, R, confidence.device, sid, gamma, factor)
+    if sid == 3:
+        if not isinstance(entropy, Tensor) or entropy.shape != (R, K) or not entropy.is_floating_point():
+            _fail(fn, f"strategy 'entropy_bounded' needs entropy, a float [R, K] = [{R}, {K}] tensor, got "
+                      f"{getattr(entropy, 'dtype', type(entropy).__name__)} {tuple(getattr(entropy, 'shape', ()))}")
+        if entropy.device != confidence.device:
+            _fail(fn, f"entropy is on {entropy.device} but confidence is on {confidence.device}")
+        entropy = entropy.detach().to(torch.float32)
+    else:
+        entropy = None
+    seed = None
+    if sid == 5:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            _fail(fn, f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        gdev = generator.device if generator is not None else confidence.device
+        seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
+        seed = seed.to(confidence.device, non_blocking=True)
     name = _backend.pick(fn, confidence.device, backend)
-    return _tau_budget_select_op(confidence.detach().to(torch.float32), masked, tau32, bud, fl, sid, name)
+    return _tau_budget_select_op(confidence.detach().to(torch.float32), masked, tau32, bud, fl, sid, name, sparam,
+                                 entropy, seed)
