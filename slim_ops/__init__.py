@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "block_mask_probs": "slim_ops.objective",
     "build_slim_rows": "slim_ops.objective",
     "build_trace_rows": "slim_ops.objective",
+    "build_random_rows": "slim_ops.objective",
     # backends
     "available_backends": "slim_ops._backend",
 }
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
     from slim_ops.layout import BlockLayout  # noqa: F401
     from slim_ops.objective import (  # noqa: F401
         block_mask_probs,
+        build_random_rows,
         build_slim_rows,
         build_trace_rows,
         quadrature,

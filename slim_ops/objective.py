@@ -17,10 +17,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["SlimRows", "TraceRows", "quadrature", "block_mask_probs", "build_slim_rows", "build_trace_rows"]
+__all__ = ["SlimRows", "TraceRows", "RandomRows", "quadrature", "block_mask_probs", "build_slim_rows",
+           "build_trace_rows", "build_random_rows"]
 
 _SHAPES = ("cosine", "linear")
 _SCHEDULES = ("response", "padded")
+_RATE_LEVELS = ("block", "row", "position")
 
 
 class SlimRows(NamedTuple):
@@ -51,6 +53,23 @@ class TraceRows(NamedTuple):
     weights: torch.Tensor
     round_index: torch.Tensor
     response_index: torch.Tensor
+
+
+class RandomRows(NamedTuple):
+    """Rows of the random-masking baselines (:func:`build_random_rows`).
+
+    noisy_ids [R', L1] int64 (noise set = ``noisy_ids == mask_id``) · loss_mask [R', L1] bool ·
+    weights [R'] fp32 (all ones) · draw_index [R'] int64 (which of the ``num_rows`` draws of its
+    response the row comes from; a coupled pair shares it) · response_index [R'] int64 ·
+    complement [R'] bool (the row is the complement of the draw's masked row).
+    """
+
+    noisy_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    weights: torch.Tensor
+    draw_index: torch.Tensor
+    response_index: torch.Tensor
+    complement: torch.Tensor
 
 
 def quadrature(n: int, *, dtype: torch.dtype | None = None,
@@ -136,9 +155,43 @@ def _check_response(response_ids: torch.Tensor, name: str = "response_ids") -> N
         raise ValueError(f"{name} must be int64 (or int32), got {response_ids.dtype}")
 
 
+def _check_post_tokens(post_tokens) -> int:
+    if isinstance(post_tokens, bool) or not isinstance(post_tokens, (int, np.integer)) or post_tokens < 0:
+        raise ValueError(f"post_tokens must be an int >= 0 (pad/EOS positions trained after a response), "
+                         f"got {post_tokens!r}")
+    return int(post_tokens)
+
+
+def _check_lengths(response_ids: torch.Tensor, response_len) -> torch.Tensor:
+    """response_len as int64 on the ids' device, checked against [0, L1]."""
+    if isinstance(response_len, (list, tuple)):
+        response_len = torch.as_tensor(response_len, dtype=torch.int64, device=response_ids.device)
+    if not isinstance(response_len, torch.Tensor) or response_len.shape != response_ids.shape[:1] or \
+            response_len.is_floating_point() or response_len.dtype == torch.bool:
+        raise ValueError(f"response_len must be an integer tensor [B]={tuple(response_ids.shape[:1])}, got "
+                         f"{getattr(response_len, 'dtype', type(response_len))} "
+                         f"{tuple(getattr(response_len, 'shape', ()))}")
+    B, L1 = response_ids.shape
+    lens = response_len.to(device=response_ids.device, dtype=torch.int64)
+    if B and bool(((lens < 0) | (lens > L1)).any()):
+        raise ValueError(f"response_len must lie in [0, L1={L1}], got min {int(lens.min())} "
+                         f"max {int(lens.max())}")
+    return lens
+
+
+def _tail_pad_slots(end: torch.Tensor, L1: int, block_size: int) -> torch.Tensor:
+    """[B, L1] bool: the slots after ``end[b]`` inside the block that holds position ``end[b] − 1``
+    (the right-padded slots of a response's last, partly filled block; none when end is 0 or on a
+    block boundary)."""
+    pos = torch.arange(L1, device=end.device)
+    last_blk = torch.div(end - 1, block_size, rounding_mode="floor")
+    return (pos[None, :] >= end[:, None]) & ((pos // block_size)[None, :] == last_blk[:, None]) & \
+        (end[:, None] > 0)
+
+
 def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, block_size: int, mask_id: int,
                     pad_id: int, num_nodes: int = 3, spread: float = 0.2, shape: str = "cosine",
-                    decreasing: bool = True, schedule_blocks: str = "response",
+                    decreasing: bool = True, schedule_blocks: str = "response", post_tokens: int = 0,
                     generator: torch.Generator | None = None) -> SlimRows:
     """Trace-free random-masking rows: ``num_nodes`` noisy copies of every response (SPEC §4.2).
 
@@ -155,17 +208,16 @@ def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, b
         response_len: [B] integer tensor, valid tokens per response (0 ≤ n_b ≤ L1).
         block_size: K ≥ 1. mask_id / pad_id: token ids.
         num_nodes: n_q ≥ 1 quadrature nodes (rows per response).
+        post_tokens: train on the first ``post_tokens`` pad/EOS positions after each response as well
+            (n_b → min(n_b + post_tokens, L1) everywhere above; TraceRL's ``post_num``). Default 0.
         generator: a ``torch.Generator`` on the tensors' device for determinism.
     Returns:
         :class:`SlimRows`; rows ordered response-major (row = b·n_q + k before empty rows are dropped).
         Weights sum to 1 per response when none of its rows was dropped.
     """
     _check_response(response_ids)
-    if isinstance(response_len, (list, tuple)):
-        response_len = torch.as_tensor(response_len, dtype=torch.int64, device=response_ids.device)
-    if not isinstance(response_len, torch.Tensor) or response_len.shape != response_ids.shape[:1]:
-        raise ValueError(f"response_len must be a tensor [B]={tuple(response_ids.shape[:1])}, got "
-                         f"{getattr(response_len, 'shape', type(response_len))}")
+    lens = _check_lengths(response_ids, response_len)
+    post_tokens = _check_post_tokens(post_tokens)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if schedule_blocks not in _SCHEDULES:
@@ -173,10 +225,8 @@ def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, b
     _check_schedule_args(spread, shape)
     B, L1 = response_ids.shape
     dev = response_ids.device
-    lens = response_len.to(device=dev, dtype=torch.int64)
-    if B and bool(((lens < 0) | (lens > L1)).any()):
-        raise ValueError(f"response_len must lie in [0, L1={L1}], got min {int(lens.min())} "
-                         f"max {int(lens.max())}")
+    if post_tokens:
+        lens = torch.clamp(lens + post_tokens, max=L1)
     nodes, weights = quadrature(num_nodes, dtype=torch.float32, device=dev)
     Q = nodes.numel()
     ids = response_ids.to(torch.int64)
@@ -237,7 +287,8 @@ def _dense_block_rank(step_map: torch.Tensor, valid: torch.Tensor, block_size: i
 
 
 def build_trace_rows(response_ids: torch.Tensor, step_map: torch.Tensor, *, block_size: int, shrink: int,
-                     mask_id: int, pad_id: int, response_len: torch.Tensor | None = None) -> TraceRows:
+                     mask_id: int, pad_id: int, response_len: torch.Tensor | None = None,
+                     post_tokens: int = 0) -> TraceRows:
     """TraceRL trajectory-slicing rows (SPEC §5).
 
     σ_i = step_map[b, i] is the global decode step that committed token i. In every block β the
@@ -246,10 +297,24 @@ def build_trace_rows(response_ids: torch.Tensor, step_map: torch.Tensor, *, bloc
     targets T_β = {group = r} and noise N_β = {group ≥ r}: X = mask_id on ∪N_β, M = ∪T_β.
     Rows per response = max_β ⌈D_β/shrink⌉.
 
+    Pads (**Decision (pads)**, as the TraceRL code gives right-padded slots σ = max+1): the
+    right-padded slots of the response's last, partly filled block are masked in every round and never
+    enter M, so no row shows pad/EOS right after its masked targets; blocks wholly beyond the response
+    stay pads. Example K=2, L1=2, one valid token with σ=2: one row, X = [μ, μ], M = {0}.
+
+    ``post_tokens = n`` also trains the first n positions after the response (TraceRL's ``post_num``):
+    they count as committed after every token of the response (σ = max+1, so they join the last
+    group of their block, or form group 0 of a block wholly beyond the response) and the response
+    is treated as ending after them (the pad rule above then applies to the slots after them).
+    **Decision:** each of those positions is a target exactly once; TraceRL's code keeps the first n
+    pads of each row's target set instead, which can train more than n pads per response.
+
     Args:
         response_ids: [B, L1] int64 right-padded. step_map: [B, L1] integer (any value on pads).
         response_len: optional [B] valid lengths; by default
-            valid = (response_ids != pad_id) & (step_map ≥ 0).
+            valid = (response_ids != pad_id) & (step_map ≥ 0) and the response ends after its last
+            valid position.
+        post_tokens: n ≥ 0 (default 0).
     Returns:
         :class:`TraceRows`, rows ordered by response then round.
     """
@@ -263,29 +328,123 @@ def build_trace_rows(response_ids: torch.Tensor, step_map: torch.Tensor, *, bloc
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if isinstance(shrink, bool) or not isinstance(shrink, int) or shrink < 1:
         raise ValueError(f"shrink must be an int >= 1, got {shrink!r}")
+    post_tokens = _check_post_tokens(post_tokens)
     B, L1 = response_ids.shape
     dev = response_ids.device
     ids = response_ids.to(torch.int64)
     pos = torch.arange(L1, device=dev)
     if response_len is not None:
-        response_len = torch.as_tensor(response_len, dtype=torch.int64, device=dev)
-        if response_len.shape != (B,):
-            raise ValueError(f"response_len must be [B]={B}, got {tuple(response_len.shape)}")
-        valid = pos[None, :] < response_len.to(dev, torch.int64)[:, None]
+        valid = pos[None, :] < _check_lengths(response_ids, response_len)[:, None]
     else:
-        valid = (ids != pad_id) & (step_map >= 0)
-    rank = _dense_block_rank(step_map.to(dev), valid, block_size)
+        valid = (ids != pad_id) & (step_map.to(dev) >= 0)
+    if L1 == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return TraceRows(ids[:0], valid[:0], torch.zeros(0, device=dev), empty, empty)
+    steps = step_map.to(device=dev, dtype=torch.int64)
+    end = (valid.to(torch.int64) * (pos + 1)[None, :]).amax(dim=1)           # [B] 1 + last valid position
+    if post_tokens:
+        post = (pos[None, :] >= end[:, None]) & (pos[None, :] < end[:, None] + post_tokens)
+        low = torch.iinfo(torch.int64).min
+        smax = torch.where(valid, steps, torch.full_like(steps, low)).amax(dim=1)
+        smax = torch.where(valid.any(dim=1), smax, torch.zeros_like(smax))
+        steps = torch.where(post, (smax + 1)[:, None], steps)
+        valid = valid | post
+        end = torch.clamp(end + post_tokens, max=L1)
+    tail = _tail_pad_slots(end, L1, block_size)                                # [B, L1]
+    rank = _dense_block_rank(steps, valid, block_size)
     group = torch.where(valid, rank // shrink, torch.full_like(rank, -1))  # [B, L1]
-    if L1:
-        rounds = (group.max(dim=1).values + 1).clamp(min=0)
-    else:
-        rounds = torch.zeros(B, dtype=torch.int64, device=dev)
+    rounds = (group.max(dim=1).values + 1).clamp(min=0)
     resp = torch.arange(B, device=dev).repeat_interleave(rounds)          # one host sync (row count)
     starts = torch.cumsum(rounds, 0) - rounds
     rnd = torch.arange(resp.numel(), device=dev) - starts[resp]
     g = group[resp]
     loss = g == rnd[:, None]
-    noise = g >= rnd[:, None]
+    noise = (g >= rnd[:, None]) | tail[resp]
     noisy = torch.where(noise, torch.full_like(g, mask_id), ids[resp])
     w = torch.ones(resp.numel(), dtype=torch.float32, device=dev)
     return TraceRows(noisy, loss, w, rnd, resp)
+
+
+def build_random_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, block_size: int,
+                      mask_id: int, pad_id: int, lower: float = 0.1, upper: float = 0.9, num_rows: int = 1,
+                      coupled: bool = False, rate_level: str = "block", post_tokens: int = 0,
+                      generator: torch.Generator | None = None) -> RandomRows:
+    """TraceRL's "random masking" and "coupled" baselines: uniform-rate random masks, optionally each
+    paired with its complement.
+
+    For response b (valid length n_b, n'_b = min(n_b + ``post_tokens``, L1)) and each of its
+    ``num_rows`` draws:
+      a mask rate t ~ Uniform(lower, upper) per block (``rate_level="block"``, the default), per row
+      (``"row"``: TraceRL's LLaDA/Dream trainers) or per position (``"position"``: TraceRL's SDAR
+      trainer, which compares every position with its own uniform threshold);
+      M = {i < n'_b : u_i < t_{⌊i/K⌋}} with u_i ~ Uniform[0, 1);
+      ``coupled=True`` adds the complement row M^c = {i < n'_b} − M right after it, so the pair
+      covers every position of the response exactly once (TraceRL's "coupled" method);
+      X = mask_id on M (M^c for the complement) and on the right-padded slots of the response's last,
+      partly filled block (masked in every row, never in M, as in :func:`build_trace_rows`); blocks
+      wholly beyond the response stay pads. Rows with M = ∅ are dropped (as TraceRL does; nothing is
+      forced in, unlike :func:`build_slim_rows`).
+
+    Args:
+        response_ids: [B, L1] int64 right-padded; response_len: [B] valid lengths (0 ≤ n_b ≤ L1).
+        block_size: K ≥ 1. mask_id / pad_id: token ids.
+        lower, upper: 0 ≤ lower ≤ upper ≤ 1 (TraceRL's ``lower_p`` / ``upper_p``, default 0.1 / 0.9).
+        num_rows: draws per response (TraceRL's ``mask_times_per_sample``), default 1.
+        coupled: add the complement of every draw. rate_level: "block" | "row" | "position".
+        post_tokens: also train the first ``post_tokens`` pad/EOS positions after the response.
+        generator: a ``torch.Generator`` on the tensors' device for determinism.
+    Returns:
+        :class:`RandomRows`, ordered by response, then draw, then (masked row, complement); weights 1.
+    """
+    _check_response(response_ids)
+    lens = _check_lengths(response_ids, response_len)
+    post_tokens = _check_post_tokens(post_tokens)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)) or num_rows < 1:
+        raise ValueError(f"num_rows must be an int >= 1, got {num_rows!r}")
+    for name, v in (("lower", lower), ("upper", upper)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{name} must be a float in [0, 1], got {v!r}")
+    if float(lower) > float(upper):
+        raise ValueError(f"lower must be <= upper, got lower={lower}, upper={upper}")
+    if rate_level not in _RATE_LEVELS:
+        raise ValueError(f"rate_level must be one of {_RATE_LEVELS}, got {rate_level!r}")
+    if not isinstance(coupled, bool):
+        raise ValueError(f"coupled must be a bool, got {coupled!r}")
+    B, L1 = response_ids.shape
+    dev = response_ids.device
+    ids = response_ids.to(torch.int64)
+    n = torch.clamp(lens + post_tokens, max=L1)
+    Q = int(num_rows)
+    R = B * Q
+    resp = torch.arange(B, device=dev).repeat_interleave(Q)                  # [R]
+    draw = torch.arange(Q, device=dev).repeat(B)                             # [R]
+    pos = torch.arange(L1, device=dev)
+    blk = pos // block_size
+    nbk = -(-L1 // block_size)
+    lo, hi = float(lower), float(upper)
+    cols = {"block": nbk, "row": 1, "position": L1}[rate_level]
+    t = lo + (hi - lo) * torch.rand((R, cols), generator=generator, device=dev)
+    if rate_level == "block":
+        t = t[:, blk]
+    u = torch.rand((R, L1), generator=generator, device=dev)
+    inside = pos[None, :] < n[resp][:, None]                                 # [R, L1]
+    loss = (u < t) & inside
+    tail = _tail_pad_slots(n, L1, block_size)[resp]
+    if coupled:
+        loss = torch.stack([loss, inside & ~loss], dim=1).reshape(2 * R, L1)
+        tail = tail.repeat_interleave(2, dim=0)
+        resp = resp.repeat_interleave(2)
+        draw = draw.repeat_interleave(2)
+        comp = torch.tensor([False, True], device=dev).repeat(R)
+    else:
+        comp = torch.zeros(R, dtype=torch.bool, device=dev)
+    keep = loss.any(dim=1)
+    if not bool(keep.all()):
+        idx = keep.nonzero().squeeze(1)
+        loss, tail, resp, draw, comp = loss[idx], tail[idx], resp[idx], draw[idx], comp[idx]
+    noise = loss | tail
+    noisy = torch.where(noise, torch.full_like(noise, mask_id, dtype=torch.int64), ids[resp])
+    w = torch.ones(resp.numel(), dtype=torch.float32, device=dev)
+    return RandomRows(noisy, loss, w, draw, resp, comp)

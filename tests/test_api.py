@@ -9,7 +9,8 @@ import slim_ops
 
 PUBLIC = {
     "BlockLayout", "StepOutput", "available_backends", "block_diffusion_attention", "block_mask_probs",
-    "build_slim_rows", "build_trace_rows", "logprob_from_logits", "masked_logprob", "quadrature",
+    "build_random_rows", "build_slim_rows", "build_trace_rows", "logprob_from_logits", "masked_logprob",
+    "quadrature",
     "slim_loss_from_hidden", "slim_policy_loss", "static_floor", "tau_budget_select", "tau_budget_step",
 }
 

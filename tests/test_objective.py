@@ -203,22 +203,33 @@ def test_trace_rows_spec_example():
     assert torch.equal(r.weights, torch.ones(3))
 
 
-def _trace_rows_loop(ids, sm, valid, K, s):
-    """Straight per-block loop of SPEC §5 (independent of the vectorised builder)."""
+def _trace_rows_loop(ids, sm, valid, K, s, post=0):
+    """Straight per-block loop of SPEC §5 (independent of the vectorised builder), pads included: the
+    response ends after its last valid position; ``post`` positions after it get σ = max+1 and count as
+    valid; the slots after the (extended) response inside its last block are noised in every round."""
     out = []
     for b in range(ids.shape[0]):
         L1 = ids.shape[1]
+        v = [bool(valid[b, i]) for i in range(L1)]
+        step = [int(sm[b, i]) for i in range(L1)]
+        end = max([i + 1 for i in range(L1) if v[i]], default=0)
+        top = max([step[i] for i in range(L1) if v[i]], default=-1) + 1
+        for i in range(end, min(end + post, L1)):
+            v[i], step[i] = True, top
+        end = min(end + post, L1)
+        tail = [end > 0 and i >= end and i // K == (end - 1) // K for i in range(L1)]
         groups = [None] * L1
         for start in range(0, L1, K):
-            idx = [i for i in range(start, min(start + K, L1)) if valid[b, i]]
-            vals = sorted({int(sm[b, i]) for i in idx})
-            shr = {v: vals[min((k // s) * s + s - 1, len(vals) - 1)] for k, v in enumerate(vals)}
+            idx = [i for i in range(start, min(start + K, L1)) if v[i]]
+            vals = sorted({step[i] for i in idx})
+            shr = {v_: vals[min((k // s) * s + s - 1, len(vals) - 1)] for k, v_ in enumerate(vals)}
             for i in idx:
-                groups[i] = shr[int(sm[b, i])]
+                groups[i] = shr[step[i]]
         blocks = [[i for i in range(st, min(st + K, L1)) if groups[i] is not None] for st in range(0, L1, K)]
         remaining = [sorted({groups[i] for i in bl}) for bl in blocks]
         while any(remaining):
-            loss, noise = torch.zeros(L1, dtype=torch.bool), torch.zeros(L1, dtype=torch.bool)
+            loss = torch.zeros(L1, dtype=torch.bool)
+            noise = torch.tensor(tail, dtype=torch.bool)
             for bl, rem in zip(blocks, remaining):
                 if not rem:
                     continue
@@ -230,22 +241,68 @@ def _trace_rows_loop(ids, sm, valid, K, s):
     return out
 
 
-@pytest.mark.parametrize("K,s", [(4, 1), (4, 2), (3, 3), (8, 2)])
-def test_trace_rows_match_loop(K, s):
-    g = torch.Generator().manual_seed(K * 10 + s)
-    B, L1, PAD = 5, 11, 99
-    lens = torch.tensor([11, 7, 1, 0, 9])
-    ids = torch.randint(0, 50, (B, L1), generator=g)
-    ids = torch.where(torch.arange(L1)[None] < lens[:, None], ids, PAD)
-    sm = torch.randint(0, 6, (B, L1), generator=g)
-    r = slim_ops.build_trace_rows(ids, sm, block_size=K, shrink=s, mask_id=98, pad_id=PAD)
-    exp = _trace_rows_loop(ids, sm, ids != PAD, K, s)
+def _check_trace_rows(r, exp, ids, mask_id):
     assert len(exp) == r.loss_mask.shape[0]
     for row, (b, loss, noise) in enumerate(exp):
         assert int(r.response_index[row]) == b
         assert torch.equal(r.loss_mask[row], loss), row
-        assert torch.equal((r.noisy_ids[row] == 98), noise), row
+        assert torch.equal((r.noisy_ids[row] == mask_id), noise), row
+        assert torch.equal(r.noisy_ids[row][~noise], ids[b][~noise]), row
     assert bool(r.loss_mask.any(dim=1).all())
+
+
+@pytest.mark.parametrize("K,s", [(4, 1), (4, 2), (3, 3), (8, 2)])
+@pytest.mark.parametrize("post", [0, 2])
+def test_trace_rows_match_loop(K, s, post):
+    g = torch.Generator().manual_seed(K * 10 + s + 100 * post)
+    B, L1, PAD = 6, 11, 99
+    lens = torch.tensor([11, 7, 1, 0, 9, 8])
+    ids = torch.randint(0, 50, (B, L1), generator=g)
+    ids = torch.where(torch.arange(L1)[None] < lens[:, None], ids, PAD)
+    sm = torch.randint(0, 6, (B, L1), generator=g)
+    r = slim_ops.build_trace_rows(ids, sm, block_size=K, shrink=s, mask_id=98, pad_id=PAD, post_tokens=post)
+    _check_trace_rows(r, _trace_rows_loop(ids, sm, ids != PAD, K, s, post), ids, 98)
+    # explicit lengths give the same rows
+    r2 = slim_ops.build_trace_rows(ids, sm, block_size=K, shrink=s, mask_id=98, pad_id=PAD, response_len=lens,
+                                   post_tokens=post)
+    assert torch.equal(r.noisy_ids, r2.noisy_ids) and torch.equal(r.loss_mask, r2.loss_mask)
+
+
+def test_trace_rows_pad_slots_minimal_case():
+    # K=2, L1=2, one valid token with σ=2: X = [μ, μ], M = {0} (SPEC §5, Decision (pads))
+    MU, PAD = 9, 0
+    ids = torch.tensor([[5, PAD]])
+    for sm, lens in ((torch.tensor([[2, 0]]), torch.tensor([1])), (torch.tensor([[2, -1]]), None)):
+        r = slim_ops.build_trace_rows(ids, sm, block_size=2, shrink=1, mask_id=MU, pad_id=PAD, response_len=lens)
+        assert r.noisy_ids.tolist() == [[MU, MU]] and r.loss_mask.tolist() == [[True, False]]
+    # post_tokens=1 trains the pad slot once, in the last round of the block
+    ids = torch.tensor([[5, 6, 7, PAD, PAD, PAD, PAD, PAD]])
+    sm = torch.tensor([[1, 0, 2, 0, 0, 0, 0, 0]])
+    r = slim_ops.build_trace_rows(ids, sm, block_size=4, shrink=1, mask_id=MU, pad_id=PAD,
+                                  response_len=torch.tensor([3]), post_tokens=1)
+    assert r.loss_mask.int().tolist() == [[0, 1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0],
+                                          [0, 0, 1, 0, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 0]]
+    assert (r.noisy_ids[:, 4:] == PAD).all()  # the block wholly beyond the response stays pads
+    # post_tokens reaching into the next block: that block's post positions are round-0 targets and
+    # its remaining slots are masked in every round
+    r = slim_ops.build_trace_rows(ids, sm, block_size=4, shrink=1, mask_id=MU, pad_id=PAD,
+                                  response_len=torch.tensor([3]), post_tokens=3)
+    assert r.loss_mask[0].int().tolist() == [0, 1, 0, 0, 1, 1, 0, 0]
+    assert bool((r.noisy_ids[:, 6:] == MU).all()) and int(r.loss_mask.sum()) == 6
+
+
+def test_trace_rows_without_pads_unchanged():
+    # responses ending on a block boundary have no pad slot to mask: only the trajectory is noised
+    g = torch.Generator().manual_seed(4)
+    K, L1, PAD = 4, 12, 99
+    lens = torch.tensor([12, 8, 4])
+    ids = torch.where(torch.arange(L1)[None] < lens[:, None], torch.randint(0, 50, (3, L1), generator=g), PAD)
+    sm = torch.randint(0, 9, (3, L1), generator=g)
+    r = slim_ops.build_trace_rows(ids, sm, block_size=K, shrink=1, mask_id=98, pad_id=PAD, response_len=lens)
+    valid = torch.arange(L1)[None] < lens[r.response_index][:, None]
+    assert not bool(((r.noisy_ids == 98) & ~valid).any())
+    assert torch.equal(r.noisy_ids[~valid], torch.full((int((~valid).sum()),), PAD))
+    _check_trace_rows(r, _trace_rows_loop(ids, sm, ids != PAD, K, 1), ids, 98)
 
 
 def test_trace_rows_validation():
@@ -256,3 +313,131 @@ def test_trace_rows_validation():
     with pytest.raises(ValueError, match="shrink"):
         slim_ops.build_trace_rows(ids, torch.zeros(1, 4, dtype=torch.int64), block_size=2, shrink=0,
                                   mask_id=1, pad_id=0)
+    with pytest.raises(ValueError, match="post_tokens"):
+        slim_ops.build_trace_rows(ids, torch.zeros(1, 4, dtype=torch.int64), block_size=2, shrink=1,
+                                  mask_id=1, pad_id=0, post_tokens=-1)
+
+
+def test_slim_rows_post_tokens():
+    K, L1, B, MASK, PAD = 4, 12, 300, 50, 51
+    g = torch.Generator().manual_seed(9)
+    lens = torch.randint(0, L1 + 1, (B,), generator=g)
+    ids = torch.where(torch.arange(L1)[None] < lens[:, None], torch.randint(0, 49, (B, L1), generator=g), PAD)
+    base = slim_ops.build_slim_rows(ids, lens, block_size=K, mask_id=MASK, pad_id=PAD,
+                                    generator=torch.Generator().manual_seed(2))
+    zero = slim_ops.build_slim_rows(ids, lens, block_size=K, mask_id=MASK, pad_id=PAD, post_tokens=0,
+                                    generator=torch.Generator().manual_seed(2))
+    assert torch.equal(base.noisy_ids, zero.noisy_ids) and torch.equal(base.loss_mask, zero.loss_mask)
+    r = slim_ops.build_slim_rows(ids, lens, block_size=K, mask_id=MASK, pad_id=PAD, post_tokens=2,
+                                 generator=torch.Generator().manual_seed(2))
+    # identical to the rows of responses two tokens longer
+    ext = slim_ops.build_slim_rows(ids, torch.clamp(lens + 2, max=L1), block_size=K, mask_id=MASK, pad_id=PAD,
+                                   generator=torch.Generator().manual_seed(2))
+    assert torch.equal(r.noisy_ids, ext.noisy_ids) and torch.equal(r.loss_mask, ext.loss_mask)
+    n = lens[r.response_index]
+    pos = torch.arange(L1)[None]
+    post = (pos >= n[:, None]) & (pos < n[:, None] + 2)
+    assert not bool((r.loss_mask & (pos >= n[:, None] + 2)).any())
+    assert bool((r.loss_mask & post).any())
+    assert bool((ids[r.response_index][r.loss_mask & post] == PAD).all())  # post positions are pads here
+    with pytest.raises(ValueError, match="post_tokens"):
+        slim_ops.build_slim_rows(ids, lens, block_size=K, mask_id=MASK, pad_id=PAD, post_tokens=1.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# random-masking / coupled baselines
+# --------------------------------------------------------------------------------------------------
+def _random_case(B=40, L1=13, seed=0, PAD=51):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, L1 + 1, (B,), generator=g)
+    lens[0], lens[1], lens[2] = 0, 1, L1
+    ids = torch.where(torch.arange(L1)[None] < lens[:, None], torch.randint(0, 49, (B, L1), generator=g), PAD)
+    return ids, lens
+
+
+@pytest.mark.parametrize("rate_level", ["block", "row", "position"])
+@pytest.mark.parametrize("post", [0, 3])
+def test_random_rows_invariants(rate_level, post):
+    K, MASK, PAD, Q = 4, 50, 51, 3
+    ids, lens = _random_case()
+    B, L1 = ids.shape
+    r = slim_ops.build_random_rows(ids, lens, block_size=K, mask_id=MASK, pad_id=PAD, num_rows=Q,
+                                   rate_level=rate_level, post_tokens=post,
+                                   generator=torch.Generator().manual_seed(5))
+    n = torch.clamp(lens + post, max=L1)[r.response_index]
+    pos = torch.arange(L1)[None]
+    inside = pos < n[:, None]
+    tail = (pos >= n[:, None]) & (pos // K == (n[:, None] - 1) // K) & (n[:, None] > 0)
+    assert bool(r.loss_mask.any(dim=1).all())                       # empty rows dropped
+    assert not bool((r.loss_mask & ~inside).any())                  # M within the (extended) response
+    assert torch.equal(r.noisy_ids == MASK, r.loss_mask | tail)     # X = μ on M and on the tail pad slots
+    clean = ids[r.response_index]
+    assert torch.equal(r.noisy_ids[r.noisy_ids != MASK], clean[r.noisy_ids != MASK])
+    assert not bool(r.complement.any()) and torch.equal(r.weights, torch.ones(r.weights.numel()))
+    assert bool((r.response_index[1:] >= r.response_index[:-1]).all())
+    assert bool((r.draw_index < Q).all())
+    assert (0 in r.response_index.tolist()) == (post > 0)  # n_0 = 0: rows only from its post tokens
+    again = slim_ops.build_random_rows(ids, lens, block_size=K, mask_id=MASK, pad_id=PAD, num_rows=Q,
+                                       rate_level=rate_level, post_tokens=post,
+                                       generator=torch.Generator().manual_seed(5))
+    assert torch.equal(r.noisy_ids, again.noisy_ids) and torch.equal(r.draw_index, again.draw_index)
+
+
+@pytest.mark.parametrize("rate_level", ["block", "row", "position"])
+def test_random_rows_coupled_complement_covers_once(rate_level):
+    K, MASK, PAD, Q = 4, 50, 51, 4
+    ids, lens = _random_case(seed=1)
+    B, L1 = ids.shape
+    r = slim_ops.build_random_rows(ids, lens, block_size=K, mask_id=MASK, pad_id=PAD, num_rows=Q, coupled=True,
+                                   lower=0.0, upper=1.0, rate_level=rate_level,
+                                   generator=torch.Generator().manual_seed(6))
+    valid = torch.arange(L1)[None] < lens[:, None]
+    cover = torch.zeros(B, Q, L1, dtype=torch.int64)
+    cover.index_put_((r.response_index, r.draw_index), r.loss_mask.long(), accumulate=True)
+    # every draw of a non-empty response: its row and its complement cover each valid position once
+    assert torch.equal(cover, valid[:, None, :].long().expand(B, Q, L1))
+    # a pair is (masked row, complement) in that order; at most one row per (draw, side)
+    key = r.response_index * 2 * Q + r.draw_index * 2 + r.complement.long()
+    assert torch.equal(key, torch.sort(key).values) and key.unique().numel() == key.numel()
+    both = torch.zeros(B, Q, dtype=torch.int64).index_put_((r.response_index, r.draw_index),
+                                                           torch.ones_like(r.draw_index), accumulate=True)
+    assert int(both[lens > 1].eq(2).sum()) > 0
+
+
+def test_random_rows_rates_within_bounds():
+    # every rate is drawn in [lower, upper]: the empirical mask rate of each block / row stays inside
+    K, L1, B = 4, 32, 2000
+    ids = torch.randint(0, 9, (B, L1), generator=torch.Generator().manual_seed(2))
+    lens = torch.full((B,), L1)
+    for level in ("block", "row", "position"):
+        r = slim_ops.build_random_rows(ids, lens, block_size=K, mask_id=10, pad_id=11, lower=0.3, upper=0.5,
+                                       rate_level=level, generator=torch.Generator().manual_seed(3))
+        assert r.loss_mask.shape[0] == B  # an empty row has probability <= 0.7^32 here
+        rate = r.loss_mask.float().view(B, L1 // K, K).mean(dim=(0, 2))
+        sd = math.sqrt(0.25 / (B * K))
+        assert bool(((rate - 0.4).abs() <= 5 * sd).all()), (level, rate)
+    # spread of the per-block rates: block-level rates vary across blocks of one row, row-level do not
+    one = slim_ops.build_random_rows(ids[:1].expand(20000, L1), torch.full((20000,), L1), block_size=K,
+                                     mask_id=10, pad_id=11, lower=0.3, upper=0.5, rate_level="row",
+                                     generator=torch.Generator().manual_seed(4))
+    blk = one.loss_mask.float().view(-1, L1 // K, K).mean(2)
+    assert float(blk.min()) >= 0 and float(blk.mean()) == pytest.approx(0.4, abs=0.01)
+    # degenerate bounds are exact
+    none = slim_ops.build_random_rows(ids, lens, block_size=K, mask_id=10, pad_id=11, lower=0.0, upper=0.0)
+    assert none.loss_mask.shape[0] == 0
+    full = slim_ops.build_random_rows(ids[:5], lens[:5], block_size=K, mask_id=10, pad_id=11, lower=1.0,
+                                      upper=1.0, coupled=True)
+    assert bool(full.loss_mask.all()) and not bool(full.complement.any()) and full.loss_mask.shape[0] == 5
+
+
+def test_random_rows_validation():
+    ids = torch.zeros(2, 8, dtype=torch.int64)
+    lens = torch.tensor([3, 8])
+    kw = dict(block_size=4, mask_id=1, pad_id=0)
+    for bad, match in ((dict(lower=0.6, upper=0.5), "lower must be <= upper"), (dict(upper=1.5), "upper"),
+                       (dict(num_rows=0), "num_rows"), (dict(rate_level="token"), "rate_level"),
+                       (dict(post_tokens=-2), "post_tokens"), (dict(coupled=1), "coupled")):
+        with pytest.raises(ValueError, match=match):
+            slim_ops.build_random_rows(ids, lens, **kw, **bad)
+    with pytest.raises(ValueError, match="response_len"):
+        slim_ops.build_random_rows(ids, torch.tensor([1.0, 2.0]), **kw)
