@@ -1,9 +1,13 @@
-"""Build script: the pure-Python package always installs; ``slim_ops._C`` is built when nvcc is found.
+"""Build script: the pure-Python package always installs; ``slim_ops._C`` holds the C++ CPU kernels and, when
+nvcc is found, the CUDA kernels.
 
-SLIM_OPS_CUDA=AUTO (default) builds the CUDA extension when nvcc is on PATH (or in $CUDA_HOME) and
-skips it with a warning when the build fails; ON makes it required; OFF skips it. torch is not needed
-at build time: the kernels take raw pointers and a stream, and the binding is plain pybind11 linked
-against the static CUDA runtime. No GPU is probed and nothing is downloaded.
+SLIM_OPS_CUDA=AUTO (default) adds the CUDA kernels when nvcc is on PATH (or in $CUDA_HOME) and falls back to a
+CPU-only extension with a warning when nvcc is missing or the CUDA build fails; ON makes the CUDA kernels
+required; OFF builds the CPU-only extension. If even the CPU-only build fails (no C++ compiler), AUTO/OFF install
+the pure-Python package with a warning. torch is not needed at build time: the kernels take raw pointers (and a
+stream), and the binding is plain pybind11 (linked against the static CUDA runtime when CUDA is in). The CPU
+kernels are compiled for the x86-64 baseline with AVX2/AVX-512 variants chosen at run time, so no -march flag
+is used. No GPU is probed and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -26,7 +30,12 @@ def _read_list(name: str) -> list[str]:
 
 
 SOURCES = _read_list("sources.txt")
-ARCHS = [tuple(a.split(",")) for a in _read_list("cuda_archs.txt")]
+# SLIM_OPS_CUDA_ARCHS="compute_90a,sm_90a" (pairs separated by ";") overrides csrc/cuda_archs.txt, e.g. one arch
+# for a quick build on a known GPU (benchmarks/gpu_check.sh).
+_ARCH_ENV = [a.strip() for a in os.environ.get("SLIM_OPS_CUDA_ARCHS", "").split(";") if a.strip()]
+ARCHS = [tuple(a.split(",")) for a in (_ARCH_ENV or _read_list("cuda_archs.txt"))]
+if any(len(a) != 2 for a in ARCHS):
+    sys.exit(f"CUDA arch list entries must be <virtual>,<real> pairs, got {ARCHS}")
 MODE = os.environ.get("SLIM_OPS_CUDA", "AUTO").upper()
 if MODE not in ("AUTO", "ON", "OFF"):
     sys.exit(f"SLIM_OPS_CUDA must be AUTO, ON or OFF, got {MODE!r}")
@@ -51,16 +60,37 @@ def _cuda_home() -> Path | None:
     return None
 
 
+_CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden", "-pthread"]
+
+
 class CudaBuildExt(build_ext):
-    """Compiles the .cu sources with nvcc, then lets setuptools link them with the pybind11 module."""
+    """Builds the .cpp sources (CPU kernels + bindings) and, with CUDA, the .cu sources with nvcc."""
 
     def build_extension(self, ext: Extension) -> None:
+        if MODE != "OFF":
+            try:
+                self._build(ext)
+                return
+            except Exception as exc:  # noqa: BLE001 - AUTO mode degrades to the CPU-only extension
+                if MODE == "ON":
+                    raise
+                print(f"slim_ops: CUDA kernels not built ({exc}); building the CPU-only extension", file=sys.stderr)
         try:
-            self._build(ext)
-        except Exception as exc:  # noqa: BLE001 - AUTO mode degrades to a pure-Python install
-            if MODE == "ON":
-                raise
-            print(f"slim_ops: CUDA extension not built ({exc}); torch/triton backends only", file=sys.stderr)
+            self._build_cpu(ext)
+        except Exception as exc:  # noqa: BLE001 - no C++ toolchain: a pure-Python install still works
+            print(f"slim_ops: C++ extension not built ({exc}); torch/triton backends only", file=sys.stderr)
+
+    def _build_cpu(self, ext: Extension) -> None:
+        import pybind11
+
+        ext.extra_objects = []
+        ext.include_dirs = [pybind11.get_include(), str(ROOT / "csrc")]
+        ext.library_dirs = []
+        ext.libraries = ["pthread"]
+        ext.define_macros = []
+        ext.extra_compile_args = list(_CXX_FLAGS)
+        ext.extra_link_args = ["-pthread"]
+        super().build_extension(ext)
 
     def _build(self, ext: Extension) -> None:
         import pybind11
@@ -85,14 +115,13 @@ class CudaBuildExt(build_ext):
         lib = cuda / "lib64" if (cuda / "lib64").exists() else cuda / "lib"
         ext.library_dirs = [str(lib)]
         ext.libraries = ["cudart_static", "rt", "pthread", "dl"]
-        ext.extra_compile_args = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+        ext.define_macros = [("SLIM_OPS_WITH_CUDA", "1")]
+        ext.extra_compile_args = list(_CXX_FLAGS)
+        ext.extra_link_args = ["-pthread"]
         super().build_extension(ext)
 
 
-ext_modules = []
-if MODE != "OFF":
-    cpp = [s for s in SOURCES if s.endswith(".cpp")]
-    ext_modules.append(Extension("slim_ops._C", sources=cpp, language="c++"))
+ext_modules = [Extension("slim_ops._C", sources=[s for s in SOURCES if s.endswith(".cpp")], language="c++")]
 
 setup(
     packages=find_packages(include=["slim_ops", "slim_ops.*"])

@@ -44,11 +44,19 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 3, reps: int
     return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7], "runs": len(times)}
 
 
-def metadata(device: str) -> dict[str, object]:
+def git_sha() -> str:
+    """$GIT_SHA when set (a copy of the tree without .git, e.g. on a GPU machine), else `git rev-parse HEAD`."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     except OSError:
-        sha = "unknown"
+        sha = ""
+    return sha or "unknown"
+
+
+def metadata(device: str) -> dict[str, object]:
+    sha = git_sha()
     meta: dict[str, object] = {"device": device, "torch": torch.__version__, "git_sha": sha,
                                "python": platform.python_version(), "host": platform.node(),
                                "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
