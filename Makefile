@@ -40,5 +40,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_cpu.py
 
+# GPU evidence in one call (stages, budgets, archive: see benchmarks/gpu_check.sh); on a CPU:
+# `make gpu-check ARGS=--dry-run`. Uses the venv's python when there is one (the GPU image has none).
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash benchmarks/gpu_check.sh $(ARGS)
+
 clean:
 	rm -rf build *.egg-info slim_ops/_C*.so

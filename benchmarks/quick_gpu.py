@@ -48,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -107,7 +108,7 @@ SIZES = {
         loss=dict(B=4, L=24, K=8),
         attn_train=dict(B=2, Hq=2, Hkv=1, D=64, L0=5, L1=8, K=4, noisy=3, dtype=torch.bfloat16, ref_batch=1),
         attn_decode=dict(B=2, Hq=2, Hkv=1, D=64, cache=9, K=4, dtype=torch.bfloat16, ref_batch=2),
-        reps=dict(fast=2, mid=2, slow=2, loop=2, warmup=1),
+        reps=dict(fast=1, mid=1, slow=1, loop=1, warmup=0),  # the flow, not the numbers
     ),
 }
 
@@ -129,7 +130,7 @@ class Run:
         self.t0 = time.perf_counter()
         self.budget = args.budget_s
         name = args.device_name or (torch.cuda.get_device_name() if self.dev == "cuda" else "cpu")
-        self.slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "device"
+        self.slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"  # as gpu_check.sh
         try:
             import triton
 
@@ -164,7 +165,7 @@ class Run:
     def reps(self, kind: str) -> int:
         n = self.S["reps"][kind]
         frac = max(0.0, self.left()) / self.budget
-        return max(2, int(round(n * min(1.0, 2 * frac))))
+        return max(min(n, 2), int(round(n * min(1.0, 2 * frac))))
 
     def time(self, fn, kind: str = "fast") -> dict:
         return time_fn(fn, self.dev, warmup=min(self.S["reps"]["warmup"], self.reps(kind)), reps=self.reps(kind))
@@ -739,7 +740,8 @@ def _timed(run: Run, fn, q, k, v, do, mode: str, flops: float) -> dict:
     else:
         def call():
             return torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-    call()  # compile / autotune outside the timed region
+    if run.dev == "cuda":
+        call()  # compile / autotune outside the timed region
     peak = peak_mib(call, run.dev)
     t = run.time(call, "mid")
     return {"ms": t["median_ms"], "ms_p20": t["p20_ms"], "ms_p80": t["p80_ms"], "runs": t["runs"],
