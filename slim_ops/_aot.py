@@ -102,43 +102,100 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 
 _LABEL = re.compile(r"^\s*(\$L__\w+):")
-_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+)\s*;")
+_BRANCH = re.compile(r"^\s*(@!?%\w+\s+)?bra(?:\.uni)?\s+(\$L__\w+)\s*;")
+_EXIT = re.compile(r"^\s*(@!?%\w+\s+)?(ret|exit|trap)\b")
 _WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m(\d+)n(\d+)k(\d+)")
 _MMA_SYNC = re.compile(r"\bmma\.sync\.aligned\.(m\d+n\d+k\d+)")
 _ASYNC_LOAD = re.compile(r"\bcp\.async\.(?:ca|cg)\.shared|\bcp\.async\.bulk\.tensor")
 _SYNC_LOAD = re.compile(r"\bld\.global")
 
 
-def analyse_ptx(ptx: str) -> dict[str, Any]:
-    """Tensor-core shapes and the loads inside loops of a kernel's PTX. A loop is the text between a label
-    and a later branch back to it (Triton emits structured control flow, so this covers every loop body)."""
-    lines = ptx.splitlines()
-    label_at: dict[str, int] = {}
+def _loop_lines(lines: list[str]) -> list[bool]:
+    """Which PTX lines lie in a loop: basic blocks (split at labels and after branches) that are part of a
+    cycle of the control-flow graph (a strongly connected component with an edge inside it)."""
+    starts = [0]
     for i, ln in enumerate(lines):
-        m = _LABEL.match(ln)
+        if _LABEL.match(ln) and i != starts[-1]:
+            starts.append(i)
+        elif (_BRANCH.match(ln) or _EXIT.match(ln)) and i + 1 < len(lines):
+            starts.append(i + 1)
+    starts = sorted(set(starts))
+    ends = starts[1:] + [len(lines)]
+    block_of_label = {}
+    for b, st in enumerate(starts):
+        m = _LABEL.match(lines[st])
         if m:
-            label_at[m.group(1)] = i
-    depth = [0] * (len(lines) + 1)
-    n_loops = 0
-    for i, ln in enumerate(lines):
-        m = _BRANCH.search(ln)
-        if m and m.group(1) in label_at and label_at[m.group(1)] <= i:
-            depth[label_at[m.group(1)]] += 1
-            depth[i + 1] -= 1
-            n_loops += 1
-    loop_async = loop_sync = 0
-    d = 0
-    for i, ln in enumerate(lines):
-        d += depth[i]
-        if d > 0:
-            loop_async += len(_ASYNC_LOAD.findall(ln))
-            loop_sync += len(_SYNC_LOAD.findall(ln))
-    wgmma = sorted({f"m{m}n{n}k{k}" for m, n, k in _WGMMA.findall(ptx)}, key=lambda s: int(s.split("n")[1][:-3]))
+            block_of_label[m.group(1)] = b
+    succ: list[list[int]] = []
+    for b, (st, en) in enumerate(zip(starts, ends, strict=True)):
+        out = []
+        last = next((lines[i] for i in range(en - 1, st - 1, -1) if lines[i].strip()
+                     and not lines[i].strip().startswith("//")), "")
+        m = _BRANCH.match(last)
+        falls = True
+        if m:
+            if m.group(2) in block_of_label:
+                out.append(block_of_label[m.group(2)])
+            falls = m.group(1) is not None  # predicated branch falls through
+        elif _EXIT.match(last) and _EXIT.match(last).group(1) is None:
+            falls = False
+        if falls and b + 1 < len(starts):
+            out.append(b + 1)
+        succ.append(out)
+    # Tarjan's strongly connected components, iteratively
+    n = len(starts)
+    index, low, on_stack, stack, comp = [-1] * n, [0] * n, [False] * n, [], [-1] * n
+    counter = n_comp = 0
+    for root in range(n):
+        if index[root] >= 0:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, k = work.pop()
+            if k == 0:
+                index[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on_stack[v] = True
+            if k < len(succ[v]):
+                work.append((v, k + 1))
+                w = succ[v][k]
+                if index[w] < 0:
+                    work.append((w, 0))
+                elif on_stack[w]:
+                    low[v] = min(low[v], index[w])
+                continue
+            if low[v] == index[v]:
+                while True:
+                    w = stack.pop()
+                    on_stack[w] = False
+                    comp[w] = n_comp
+                    if w == v:
+                        break
+                n_comp += 1
+            if work:
+                u = work[-1][0]
+                low[u] = min(low[u], low[v])
+    in_loop_block = [any(comp[w] == comp[b] for w in succ[b]) for b in range(n)]
+    flags = [False] * len(lines)
+    for b, (st, en) in enumerate(zip(starts, ends, strict=True)):
+        if in_loop_block[b]:
+            flags[st:en] = [True] * (en - st)
+    return flags
+
+
+def analyse_ptx(ptx: str) -> dict[str, Any]:
+    """Tensor-core shapes and the loads inside loops (cycles of the control-flow graph) of a kernel's PTX."""
+    lines = ptx.splitlines()
+    in_loop = _loop_lines(lines)
+    loop_async = sum(len(_ASYNC_LOAD.findall(ln)) for ln, f in zip(lines, in_loop, strict=True) if f)
+    loop_sync = sum(len(_SYNC_LOAD.findall(ln)) for ln, f in zip(lines, in_loop, strict=True) if f)
+    shapes = _WGMMA.findall(ptx)
     return {
-        "wgmma": wgmma,
-        "wgmma_n_min": min((int(n) for _, n, _ in _WGMMA.findall(ptx)), default=0),
+        "wgmma": sorted({f"m{m}n{n}k{k}" for m, n, k in shapes}, key=lambda s: int(s.split("n")[1].split("k")[0])),
+        "wgmma_n_min": min((int(n) for _, n, _ in shapes), default=0),
         "mma_sync": sorted(set(_MMA_SYNC.findall(ptx))),
-        "loops": n_loops,
+        "loop_branches": sum(1 for ln, f in zip(lines, in_loop, strict=True) if f and _BRANCH.match(ln)),
         "loop_async_loads": loop_async,
         "loop_sync_loads": loop_sync,
         "async_loads": len(_ASYNC_LOAD.findall(ptx)),
@@ -290,7 +347,7 @@ def format_report(triton_recs: list[dict[str, Any]], cuda_recs: list[dict[str, A
     lines = ["AOT compile report (sm_90a, launch-like specialisation)"]
     if triton_recs:
         lines.append(f"  {'triton kernel':<33} {'configuration':<30} {'w/s':>4} {'regs':>4} {'spill':>5} "
-                     f"{'smem':>6} {'wgmma':<17} {'loop loads async/sync':>21}  div16")
+                     f"{'smem':>6} {'wgmma':<17} {'loop loads async/sync':>21}  ints%16")
     for r in triton_recs:
         head = f"  {r['kernel'][:33]:<33} {r['label'][:30]:<30}"
         if r["ok"]:
@@ -298,9 +355,10 @@ def format_report(triton_recs: list[dict[str, Any]], cuda_recs: list[dict[str, A
             spill = f"{r['local']}+{r['stack']}" if spills(r) else "0"
             lines.append(f"{head} {r['num_warps']:>2}/{r['num_stages']} {r['regs']:>4} {spill:>5} "
                          f"{r['shared']:>6} {mma[:17]:<17} {r['loop_async_loads']:>11}/{r['loop_sync_loads']:<9}"
-                         f"  {r['div16'] or '-'}{' const1=' + r['const1'] if r['const1'] else ''}")
+                         f"  {len(r['div16'].split(',')) if r['div16'] else 0:>2}"
+                         f"{' const1=' + r['const1'] if r['const1'] else ''}")
         else:
-            lines.append(f"{head} COMPILE ERROR: {r['error'][:300]}")
+            lines.append(f"{head} COMPILE ERROR: ...{r['error'][-400:]}")
     for r in cuda_recs:
         if not r["ok"]:
             lines.append(f"  nvcc   {r['source']}: COMPILE ERROR\n{r['error']}")

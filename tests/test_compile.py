@@ -18,7 +18,8 @@ from slim_ops._aot import AotSpec, analyse_ptx, format_report, launch_specialisa
 
 # kernels whose bf16/fp16 configurations run their matrix products on tensor cores
 MMA_KERNELS = {
-    "slim_ops.ops.attention.triton": {"_bda_fwd_kernel", "_bda_bwd_dkdv_kernel", "_bda_bwd_dq_kernel"},
+    "slim_ops.ops.attention.triton": {"_bda_fwd_kernel", "_bda_bwd_dkdv_kernel", "_bda_bwd_dq_kernel",
+                                      "_bda_decode_kernel"},
     "slim_ops.ops.masked_logprob.triton": {"_masked_logprob_fwd_kernel", "_masked_logprob_bwd_kernel"},
 }
 # kernels that stream a row of logits through a loop: their AOT specs must be marked streaming
@@ -118,12 +119,24 @@ def test_ptx_analysis_finds_loops_and_shapes():
         "@%p1 bra $L__BB0_1;",
         "$L__BB0_2:",
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f2};",
-        "bra.uni $L__BB0_3;",  # forward branch: not a loop
-        "$L__BB0_3:",
+        "bra.uni $L__BB0_4;",  # forward branch: not a loop
+        # a rotated loop as LLVM lays them out: the latch block sits above the header, the header's
+        # conditional part below the backward branch
+        "$L__BB0_5:",
+        "ld.global.b32 %r8, [%rd6];",  # in the loop (reached from the header, jumps back to it)
+        "@%p2 bra $L__BB0_4;",
+        "bra.uni $L__BB0_6;",
+        "$L__BB0_4:",  # header
+        "cp.async.ca.shared.global [ %r9 + 0 ], [ %rd7 + 0 ], 0x4, %r10;",
+        "@%p3 bra $L__BB0_5;",
+        "ld.global.b32 %r11, [%rd8];",  # body below the backward branch: still in the loop
+        "bra.uni $L__BB0_5;",
+        "$L__BB0_6:",
+        "ld.global.b32 %r12, [%rd9];",  # after the loop
         "ret;",
     ])
     a = analyse_ptx(ptx)
-    assert a["loops"] == 1 and a["loop_async_loads"] == 1 and a["loop_sync_loads"] == 1
+    assert a["loop_async_loads"] == 2 and a["loop_sync_loads"] == 3 and a["async_loads"] == 2
     assert a["wgmma"] == ["m64n32k16"] and a["wgmma_n_min"] == 32 and a["mma_sync"] == ["m16n8k16"]
 
 

@@ -18,6 +18,7 @@ from slim_ops._aot import AotSpec
 from slim_ops._backend import triton_interpret
 
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+ROW_STAGES = tl.constexpr(3)  # pipeline depth of the logprob_from_logits row loops
 
 
 @triton.jit
@@ -107,7 +108,7 @@ def _logprob_from_logits_fwd_kernel(z_ptr, y_ptr, logp_ptr, lse_ptr, ent_ptr, V,
     b_m = tl.full([], float("-inf"), dtype=tl.float32)
     b_s = tl.zeros([], dtype=tl.float32)
     b_t = tl.zeros([], dtype=tl.float32)
-    for v0 in range(0, V, BV):
+    for v0 in tl.range(0, V, BV, num_stages=ROW_STAGES):  # cp.async pipeline over the row
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
         b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * INV_T
@@ -136,7 +137,7 @@ def _logprob_from_logits_bwd_kernel(g_ptr, z_ptr, y_ptr, lse_ptr, dz_ptr, V, s_z
     g = tl.load(g_ptr + i_n).to(tl.float32) * INV_T
     lse = tl.load(lse_ptr + i_n)
     y = tl.load(y_ptr + i_n)
-    for v0 in range(0, V, BV):
+    for v0 in tl.range(0, V, BV, num_stages=ROW_STAGES):  # cp.async pipeline over the row
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
         b_z = tl.load(z_ptr + i_n * s_z + o_v, mask=m_v, other=0.0).to(tl.float32) * INV_T

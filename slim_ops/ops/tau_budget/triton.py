@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from slim_ops._aot import AotSpec
+from slim_ops._backend import triton_interpret
 
 
 @triton.jit
@@ -19,12 +21,44 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
+LN2 = tl.constexpr(0.6931471805599453)
+# Above every Gumbel value the kernel computes: u <= 1 - 2^-24 gives g <= -ln(-ln(1 - 2^-24)) = 16.6355, plus at
+# most ~1e-6 of fast-log error. Tiles whose largest z/T plus G_MAX cannot beat the running best skip the noise.
+G_MAX = tl.constexpr(16.75)
+NUM_STAGES = tl.constexpr(3)  # cp.async pipeline depth of the streaming loop over V
+
+
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    if FAST:
+        return libdevice.fast_log2f(x)  # lg2.approx: one MUFU instruction, absolute error <= 2^-22
+    else:
+        return tl.log2(x)  # the interpreter has no libdevice
+
+
+@triton.jit
+def _gumbel(u, FAST: tl.constexpr):
+    """g = -ln(-ln u) for u in [2^-24, 1 - 2^-24] (reference.py). w = -ln u: for u > 7/8 the series
+    e + e^2/2 + ... + e^8/8 of -ln(1 - e), e = 1 - u exact (relative error < 1e-8; an absolute-error log
+    would lose the large g that win the argmax); below, -ln2·log2(u) with |log2 u| > 0.19 (relative error
+    < 1.3e-6 with lg2.approx). Then g = -ln2·log2(w) (absolute error < 2e-7)."""
+    e = 1.0 - u
+    ser = e * (1.0 + e * (0.5 + e * (0.3333333432674408 + e * (0.25 + e * (0.20000000298023224 + e * (
+        0.1666666716337204 + e * (0.1428571492433548 + e * 0.125)))))))
+    w = tl.where(u > 0.875, ser, -LN2 * _log2(u, FAST))
+    return -LN2 * _log2(w, FAST)
+
+
 @triton.jit
 def _tau_budget_confidence_kernel(
     p_logits, p_tokens, p_conf, p_seed, p_temp,
     K, V, stride_r, stride_k, mask_id,
-    BV: tl.constexpr, GREEDY: tl.constexpr,
+    BV: tl.constexpr, GREEDY: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
+    """One slot per program, one pass over V in [BV] tiles (per-lane online max / Σexp / argmax, merged at
+    the end). Greedy: the first maximum. Sampling: Gumbel-max on z·(1/T); a tile runs the hash and the
+    logs only when its largest z/T + G_MAX can beat the running best (ties go to the earlier index, so
+    a tile that can only tie is skipped too). Loads are cp.async-pipelined (NUM_STAGES)."""
     i_s = tl.program_id(0)
     i_r = i_s // K
     i_j = i_s % K
@@ -32,48 +66,53 @@ def _tau_budget_confidence_kernel(
     o_v = tl.arange(0, BV)
     b_m = tl.full([BV], float("-inf"), tl.float32)
     b_s = tl.zeros([BV], tl.float32)
-    b_best = tl.full([BV], float("-inf"), tl.float32)
     b_idx = tl.zeros([BV], tl.int32)
-    b_zb = tl.full([BV], float("-inf"), tl.float32)
     b_bad = tl.zeros([BV], tl.int32)
     if GREEDY:
-        temp = 1.0
-        key = tl.zeros([BV], tl.uint32)
+        for i_v in tl.range(0, V, BV, num_stages=NUM_STAGES):
+            o = i_v + o_v
+            b_z = tl.load(p_row + o, mask=o < V, other=float("-inf")).to(tl.float32)  # [BV]
+            b_bad = b_bad | ((b_z != b_z) | (b_z == float("inf"))).to(tl.int32)
+            d = b_z - b_m
+            e = tl.where(b_z == float("-inf"), 0.0, tl.exp(-tl.abs(d)))
+            b_idx = tl.where(d > 0, o, b_idx)  # strict: the lane keeps its first maximum
+            b_s = tl.where(d > 0, b_s * e + 1.0, b_s + e)
+            b_m = tl.maximum(b_m, b_z)
+        mx = tl.max(b_m, axis=0)
+        s = tl.sum(tl.where(b_m == float("-inf"), 0.0, b_s * tl.exp(b_m - mx)), axis=0)
+        idx = tl.min(tl.where(b_m == mx, b_idx, V), axis=0)
+        c = 1.0 / s
     else:
-        temp = tl.load(p_temp)
+        inv_t = 1.0 / tl.load(p_temp)
         seed = tl.load(p_seed)
         lo = (seed & 0xFFFFFFFF).to(tl.uint32)
         hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
         key = _mix32(hi ^ _mix32(lo + i_s.to(tl.uint32))) + tl.zeros([BV], tl.uint32)
-    for i_v in range(0, V, BV):
-        o = i_v + o_v
-        m_v = o < V
-        b_z = tl.load(p_row + o, mask=m_v, other=float("-inf")).to(tl.float32)  # [BV]
-        b_bad = b_bad | ((b_z != b_z) | (b_z == float("inf"))).to(tl.int32)
-        if not GREEDY:
-            b_z = b_z / temp
-        d = b_z - b_m
-        e = tl.where(b_z == float("-inf"), 0.0, tl.exp(-tl.abs(d)))
-        b_s = tl.where(d > 0, b_s * e + 1.0, b_s + e)
-        b_m = tl.maximum(b_m, b_z)
-        if GREEDY:
-            score = b_z
-        else:
-            bits = _mix32(key + o.to(tl.uint32) * 0x9E3779B9)
-            u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-            score = b_z - tl.log(-tl.log(u))
-        upd = score > b_best
-        b_best = tl.where(upd, score, b_best)
-        b_idx = tl.where(upd, o, b_idx)
-        if not GREEDY:
-            b_zb = tl.where(upd, b_z, b_zb)
-    mx = tl.max(b_m, axis=0)
-    s = tl.sum(tl.where(b_m == float("-inf"), 0.0, b_s * tl.exp(b_m - mx)), axis=0)
-    best = tl.max(b_best, axis=0)
-    idx = tl.min(tl.where(b_best == best, b_idx, V), axis=0)
-    if GREEDY:
-        c = 1.0 / s
-    else:
+        b_best = tl.full([BV], float("-inf"), tl.float32)
+        b_zb = tl.full([BV], float("-inf"), tl.float32)
+        best = float("-inf")
+        for i_v in tl.range(0, V, BV, num_stages=NUM_STAGES):
+            o = i_v + o_v
+            b_z = tl.load(p_row + o, mask=o < V, other=float("-inf")).to(tl.float32)  # [BV]
+            b_bad = b_bad | ((b_z != b_z) | (b_z == float("inf"))).to(tl.int32)
+            b_z = b_z * inv_t
+            d = b_z - b_m
+            e = tl.where(b_z == float("-inf"), 0.0, tl.exp(-tl.abs(d)))
+            b_s = tl.where(d > 0, b_s * e + 1.0, b_s + e)
+            b_m = tl.maximum(b_m, b_z)
+            if tl.max(b_z, axis=0) + G_MAX > best:
+                bits = _mix32(key + o.to(tl.uint32) * 0x9E3779B9)
+                u = ((bits >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+                score = b_z + _gumbel(u, FAST_LOG)
+                upd = score > b_best
+                b_best = tl.where(upd, score, b_best)
+                b_idx = tl.where(upd, o, b_idx)
+                b_zb = tl.where(upd, b_z, b_zb)
+                best = tl.maximum(best, tl.max(score, axis=0))
+        mx = tl.max(b_m, axis=0)
+        s = tl.sum(tl.where(b_m == float("-inf"), 0.0, b_s * tl.exp(b_m - mx)), axis=0)
+        top = tl.max(b_best, axis=0)
+        idx = tl.min(tl.where(b_best == top, b_idx, V), axis=0)
         zb = tl.max(tl.where(b_idx == idx, b_zb, float("-inf")), axis=0)
         c = tl.exp(zb - mx) / s
     bad = (tl.max(b_bad, axis=0) > 0) | (mx == float("-inf"))
@@ -136,7 +175,7 @@ def _tau_budget_select_kernel(
 
 
 _BV_MAX = 1024
-_BV_CHOICES = (128, 256, 512, 1024)
+_BV_CHOICES = (256, 512, 1024)  # >= 256: 4 warps x >= 4 bytes per thread, the cp.async minimum
 _NUM_WARPS_V = 4
 
 
@@ -177,7 +216,7 @@ def tau_budget_step_triton(logits, block, mask_id, tau32, bud, floor, seed, temp
     if R > 0:
         _tau_budget_confidence_kernel[(R * K,)](
             logits, tokens, conf, seed, temp, K, V, logits.stride(0), logits.stride(1), mask_id,
-            BV=_bv(V), GREEDY=greedy, num_warps=_NUM_WARPS_V,
+            BV=_bv(V), GREEDY=greedy, FAST_LOG=not triton_interpret(), num_warps=_NUM_WARPS_V,
         )
     commit, num, risk, block_out = _select_launch(conf, tokens, block, None, mask_id, tau32, bud, floor,
                                                   strategy_id, True)
@@ -195,8 +234,9 @@ AOT_SPECS = [
     AotSpec(_tau_budget_confidence_kernel,
             {"p_logits": f"*{dt}", "p_tokens": "*i64", "p_conf": "*fp32", "p_seed": "*i64", "p_temp": "*fp32",
              "K": "i32", "V": "i32", "stride_r": "i64", "stride_k": "i64", "mask_id": "i32",
-             "BV": "constexpr", "GREEDY": "constexpr"},
-            {"BV": bv, "GREEDY": greedy}, num_warps=_NUM_WARPS_V, label=f"{dt} BV={bv} greedy={greedy}",
+             "BV": "constexpr", "GREEDY": "constexpr", "FAST_LOG": "constexpr"},
+            {"BV": bv, "GREEDY": greedy, "FAST_LOG": True}, num_warps=_NUM_WARPS_V,
+            label=f"{dt} BV={bv} greedy={greedy}",
             ints={"K": 16, "V": 151936, "stride_r": 16 * 151936, "stride_k": 151936}, streaming=True)
     for dt in _DT for greedy in (True, False) for bv in _BV_CHOICES
 ] + [
