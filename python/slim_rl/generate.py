@@ -11,12 +11,20 @@ attributes it reads):
   ``use_cache=False`` every step recomputes the whole prefix with the staircase layout instead (same
   function, used to check the cache). The rows of a batch decode a block in lockstep (the cache
   columns stay aligned): a block takes as many forwards as its slowest row needs.
-* **LLaDA / Dream**: no cache; every step runs the whole canvas ``[prompt ‖ L1 response slots]``
-  with bidirectional attention (prompt pads hidden) and reads the K logit rows of the current block.
+* **LLaDA / Dream**, ``cache="none"`` (exact): every step runs the whole canvas ``[prompt ‖ L1 response
+  slots]`` with bidirectional attention (prompt pads hidden) and reads the K logit rows of the current block.
   Dream's one-position shift is handled in one place (the logit rows read for the slots are
   ``slots − shift``: row ``j − 1`` scores slot ``j``). Rows advance through their blocks independently
   (one canvas forward per step for the whole batch, whatever block each row is in; a row's floor f_j
   counts its own steps in its current block), so the batch needs max_r NFE_r forwards.
+* **LLaDA / Dream**, ``cache="prefix"`` / ``"dual"`` (Fast-dLLM's caches, approximate): the rows decode a
+  block in lockstep. The first step of each block runs the whole canvas (exactly the ``cache="none"``
+  forward: the *refresh*) and keeps its K/V: of the prefix before the block's query window (``"prefix"``),
+  or of everything outside the window (``"dual"``: prefix and the all-μ suffix). The block's other steps
+  run only the window (``"prefix"``: the block and everything after it; ``"dual"``: the block alone) against
+  those cached K/V, which are stale as soon as the block changes (a bidirectional model's prefix K/V depend
+  on the block), hence approximate. The window starts ``shift`` positions early (Dream reads row
+  ``j − 1`` for slot ``j``). Finished rows leave the batch once per block.
 
 Response blocks start at the prompt end (SPEC §3.5): block ``b`` holds response tokens
 ``[b·K, (b+1)·K)``; ``⌈max_new_tokens/K⌉`` blocks are decoded and the output is cut at
@@ -31,6 +39,13 @@ stays on the device; the host looks at the device once per block (SDAR) or once 
 (LLaDA / Dream) to drop the rows that are finished (produced EOS; their cache rows go too) and, to stop
 early once every row is complete, at a flag one step old (on CUDA it waits for step ``j−1`` while step
 ``j`` is already queued, so the queue is never drained; at most one extra no-op forward per stop).
+
+Options from the peers: the selection rules of :func:`slim_ops.tau_budget_step` (``entropy_bounded`` with
+``gamma``, ``factor`` with ``factor``, ``random``; see ``slim_ops.ops.tau_budget.reference``),
+``suppress_ids`` (their logits are −∞ before the step, as the mask token's: LLaDA's ``logits_eos_inf``),
+``defer_ids`` (slots predicting them get confidence 0: committed only when the floor needs them; LLaDA's
+``confidence_eos_eot_inf``) and ``cfg_scale`` (LLaDA's classifier-free guidance for LLaDA / Dream: a second
+forward on the canvas with the prompt's tokens replaced by μ, logits ``u + (s + 1)(c − u)``).
 
 Metrics are recorded on the device per row and per *row step* (a row's own denoising steps, counted
 across blocks; steps in which the row's block was already complete are not counted): ``step_map``,
@@ -52,9 +67,10 @@ import torch
 
 from slim_rl.models import model_info
 
-STRATEGIES = ("tau_budget", "threshold", "topk")
+STRATEGIES = ("tau_budget", "threshold", "topk", "entropy_bounded", "factor", "random")
+CACHES = ("none", "prefix", "dual")
 
-__all__ = ["GenerateOutput", "generate", "STRATEGIES"]
+__all__ = ["GenerateOutput", "generate", "STRATEGIES", "CACHES"]
 
 
 @dataclasses.dataclass
@@ -288,6 +304,36 @@ def _as_prompt_list(prompts, vocab: int, mask_id: int) -> list[torch.Tensor]:
     return out
 
 
+def _check_ids(name: str, ids, vocab: int) -> list[int]:
+    if ids is None:
+        return []
+    try:
+        out = [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of int token ids, got {ids!r}") from None
+    if any(isinstance(i, bool) for i in (ids if not isinstance(ids, torch.Tensor) else [])) or \
+            any(not 0 <= i < vocab for i in out):
+        raise ValueError(f"{name} must hold token ids in [0, {vocab}), got {ids!r}")
+    return out
+
+
+def _check_options(strategy, gamma, factor, cfg_scale, cache, info) -> None:
+    for name, v, lo_open in (("gamma", gamma, False), ("factor", factor, True)):
+        if isinstance(v, bool) or not isinstance(v, float | int) or not math.isfinite(float(v)) or (
+                float(v) <= 0 if lo_open else float(v) < 0):
+            raise ValueError(f"{name} must be a finite float {'> 0' if lo_open else '>= 0'}, got {v!r}")
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, float | int) or not math.isfinite(
+            float(cfg_scale)) or float(cfg_scale) < 0:
+        raise ValueError(f"cfg_scale must be a finite float >= 0 (0 = off), got {cfg_scale!r}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if info["block_causal"] and cache != "none":
+        raise ValueError(f"cache={cache!r} is for LLaDA / Dream; SDAR decodes against its exact KV cache "
+                         "(use_cache=True)")
+    if info["block_causal"] and float(cfg_scale) > 0:
+        raise ValueError("cfg_scale is supported for LLaDA / Dream (bidirectional canvas), not for SDAR")
+
+
 def _check_args(block_size, max_new_tokens, steps_per_block, strategy, tau, m, temperature, top_k, top_p,
                 batch_size) -> int:
     for name, v in (("block_size", block_size), ("max_new_tokens", max_new_tokens)):
@@ -347,9 +393,26 @@ class _Recorder:
 def _step(logits, block, info, floor, kw):
     import slim_ops
 
-    # the mask token is never a prediction (a committed μ would leave its slot masked for good)
-    logits[..., info["mask_id"]] = float("-inf")
+    # the mask token is never a prediction (a committed μ would leave its slot masked for good); suppressed
+    # ids (LLaDA's logits_eos_inf) go the same way. The logits are the engine's own tensor.
+    ban = info.get("ban")
+    if ban is None:
+        logits[..., info["mask_id"]] = float("-inf")
+    else:
+        logits.index_fill_(-1, ban, float("-inf"))
     return slim_ops.tau_budget_step(logits, block, info["mask_id"], floor=floor, **kw)
+
+
+def _guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """LLaDA's classifier-free guidance: rows [0, R) conditional c, rows [R, 2R) unconditional u ->
+    u + (s + 1)(c − u)."""
+    c, u = logits.chunk(2, dim=0)
+    return u + (cfg_scale + 1.0) * (c - u)
+
+
+def _with_uncond(ids: torch.Tensor, prompt_real: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """[R, L] canvas -> [2R, L]: the canvas, then the same canvas with the prompt's tokens replaced by μ."""
+    return torch.cat([ids, ids.masked_fill(prompt_real, mask_id)], dim=0)
 
 
 def _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit):
@@ -376,7 +439,8 @@ def _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_
 
 @torch.no_grad()
 def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_cache, kw, early_exit,
-                    rec: _Recorder, row_ids: torch.Tensor, counters, attention: str) -> None:
+                    rec: _Recorder, row_ids: torch.Tensor, counters, attention: str, cache: str = "none",
+                    cfg_scale: float = 0.0) -> None:
     from slim_ops.layout import BlockLayout
 
     device = next(model.parameters()).device
@@ -455,11 +519,17 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
                 rows, sel = rows[keep], sel[keep]
         return
 
+    if cache != "none":
+        _decode_cached(model, ltk, info, prompt, prompt_pad, ppos, plen, K=K, S=S, nb=nb, mode=cache, kw=kw,
+                       early_exit=early_exit, rec=rec, rows=rows, counters=counters, cfg_scale=cfg_scale)
+        return
     # LLaDA / Dream: bidirectional over the whole canvas, no cache. Rows advance through their blocks
     # independently (a row whose block is complete moves on at the next step; nothing is shared between
     # rows but the forward call), so a step costs one canvas forward whatever each row's progress.
     canvas = torch.cat([prompt, torch.full((B, L1), mask_id, dtype=torch.int64, device=device)], dim=1)
-    attn = attn_of.dense(_bidirectional_allowed(prompt_pad, L1))
+    prompt_real = torch.cat([~prompt_pad, prompt_pad.new_zeros(B, L1)], dim=1)
+    allowed = _bidirectional_allowed(prompt_pad, L1)
+    attn = attn_of.dense(allowed if cfg_scale == 0 else torch.cat([allowed, allowed]))
     pos = torch.cat([ppos, plen[:, None] + torch.arange(L1, device=device)[None, :]], dim=1)
     bidx = torch.zeros(B, dtype=torch.int64, device=device)  # current block of each row
     jstep = torch.zeros(B, dtype=torch.int64, device=device)  # step inside that block
@@ -472,8 +542,9 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
             if keep.numel() == 0:
                 break
             if keep.numel() < rows.numel():
-                rows, canvas, pos = rows[keep], canvas[keep], pos[keep]
-                attn = {name: m[keep] for name, m in attn.items()}
+                rows, canvas, pos, prompt_real = rows[keep], canvas[keep], pos[keep], prompt_real[keep]
+                keep2 = keep if cfg_scale == 0 else torch.cat([keep, keep + attn["attention_mask"].shape[0] // 2])
+                attn = {name: m[keep2] for name, m in attn.items()}
                 bidx, jstep, done = bidx[keep], jstep[keep], done[keep]
         elif early_exit and flag.done():
             break
@@ -483,9 +554,14 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
         slots = L0 + cols
         block = canvas.gather(1, slots)
         active = ~done
-        logits = _logits(model, ltk, slots - shift, input_ids=canvas, position_ids=pos, use_cache=False, **attn)
+        if cfg_scale > 0:
+            logits = _guided(_logits(model, ltk, torch.cat([slots, slots]) - shift,
+                                     input_ids=_with_uncond(canvas, prompt_real, mask_id),
+                                     position_ids=torch.cat([pos, pos]), use_cache=False, **attn), cfg_scale)
+        else:
+            logits = _logits(model, ltk, slots - shift, input_ids=canvas, position_ids=pos, use_cache=False, **attn)
         counters["model_calls"] += 1
-        counters["forward_tokens"] += canvas.numel()
+        counters["forward_tokens"] += canvas.numel() * (2 if cfg_scale > 0 else 1)
         floor = K // S + (jstep < mod).to(torch.int64)  # static floor f_j per row (SPEC §2.1)
         out = _step(logits, block, info, floor, kw)
         canvas.scatter_(1, slots, out.block)
@@ -497,6 +573,86 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
         jstep = torch.where(complete, 0, jstep + 1)
         done = done | rec.finished[rows] | (bidx >= nb)
         flag.push((~done).any())
+
+
+def _drop_window(cache, w0: int, e: int) -> None:
+    """Keep the K/V of positions [0, w0) ∪ [e, L) in every layer (the dual cache); keys are order-free for a
+    fully visible bidirectional pattern, so the window's fresh K/V are simply appended after them."""
+    for layer in cache.layers:
+        layer.keys = torch.cat([layer.keys[:, :, :w0], layer.keys[:, :, e:]], dim=2)
+        layer.values = torch.cat([layer.values[:, :, :w0], layer.values[:, :, e:]], dim=2)
+
+
+@torch.no_grad()
+def _decode_cached(model, ltk, info, prompt, prompt_pad, ppos, plen, *, K, S, nb, mode, kw, early_exit, rec,
+                   rows, counters, cfg_scale) -> None:
+    """LLaDA / Dream with Fast-dLLM's prefix or dual cache (module docstring): blocks in lockstep, a full
+    refresh forward at each block start, window-only forwards against the cached K/V after it."""
+    from transformers import DynamicCache
+
+    device = prompt.device
+    dtype = next(model.parameters()).dtype
+    mask_id, eos_id, shift = info["mask_id"], info["eos_id"], info["shift"]
+    B, L0 = prompt.shape
+    L1 = nb * K
+    L = L0 + L1
+    guided = cfg_scale > 0
+    canvas = torch.cat([prompt, torch.full((B, L1), mask_id, dtype=torch.int64, device=device)], dim=1)
+    pos = torch.cat([ppos, plen[:, None] + torch.arange(L1, device=device)[None, :]], dim=1)
+    keypad = torch.cat([prompt_pad, prompt_pad.new_zeros(B, L1)], dim=1)
+    prompt_real = torch.cat([~prompt_pad, prompt_pad.new_zeros(B, L1)], dim=1)
+    arK = torch.arange(K, device=device)
+
+    def two(x):  # rows of the unconditional copy follow the conditional ones
+        return torch.cat([x, x]) if guided else x
+
+    for b in range(nb):
+        s = L0 + b * K
+        e = s + K
+        w0 = s - shift  # first query position: row w0 + j scores slot s + j
+        w1 = L if mode == "prefix" else e  # the window is [w0, w1)
+        cols = b * K + arK
+        state: dict = {}
+
+        def forward(blk, j, s=s, e=e, w0=w0, w1=w1, state=state, canvas=canvas, pos=pos, keypad=keypad,
+                    prompt_real=prompt_real):
+            canvas[:, s:e] = blk
+            ids = _with_uncond(canvas, prompt_real, mask_id) if guided else canvas
+            if j == 0:  # refresh: the cache="none" forward of the whole canvas, its K/V kept
+                cache = DynamicCache(config=model.config)
+                allowed = two(_bidirectional_allowed(keypad[:, :L0], L1))
+                logits = _logits(model, ltk, torch.arange(s, e, device=device) - shift, input_ids=ids,
+                                 position_ids=two(pos), attention_mask=_additive(allowed, dtype), cache=cache,
+                                 use_cache=True)
+                if mode == "prefix":
+                    cache.crop(-(L - w0))
+                else:
+                    _drop_window(cache, w0, w1)
+                cpad = keypad[:, :w0] if mode == "prefix" else torch.cat([keypad[:, :w0], keypad[:, w1:]], 1)
+                state.update(cache=cache, cpad=two(cpad))
+                return (_guided(logits, cfg_scale) if guided else logits), ids.numel()
+            cache, cpad = state["cache"], state["cpad"]
+            Lq = w1 - w0
+            keys_pad = torch.cat([cpad, cpad.new_zeros(cpad.shape[0], Lq)], dim=1)
+            allowed = (~keys_pad)[:, None, :].expand(-1, Lq, -1)
+            logits = _logits(model, ltk, arK, input_ids=ids[:, w0:w1], position_ids=two(pos[:, w0:w1]),
+                             attention_mask=_additive(allowed, dtype), cache=cache, use_cache=True)
+            cache.crop(-Lq)
+            return (_guided(logits, cfg_scale) if guided else logits), ids.shape[0] * Lq
+
+        block = canvas[:, s:e].clone()
+        block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
+        canvas[:, s:e] = block
+        rec.tokens[rows[:, None], cols[None, :]] = block
+        state.clear()
+        if b + 1 == nb:
+            break
+        keep = _retire(block, eos_id, rec, rows)
+        if keep is not None:
+            if keep.numel() == 0:
+                return
+            rows, canvas, pos, keypad, prompt_real = rows[keep], canvas[keep], pos[keep], keypad[keep], \
+                prompt_real[keep]
 
 
 def _retire(block: torch.Tensor, eos_id: int, rec: _Recorder, rows: torch.Tensor) -> torch.Tensor | None:
@@ -514,7 +670,9 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
              steps_per_block: int | None = None, strategy: str = "tau_budget", tau: float = 0.9,
              m: float = 1.0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              use_cache: bool = True, generator: torch.Generator | None = None, batch_size: int | None = None,
-             early_exit: bool = True, attention: str = "auto", backend: str | None = None) -> GenerateOutput:
+             early_exit: bool = True, attention: str = "auto", backend: str | None = None, gamma: float = 0.1,
+             factor: float = 1.0, suppress_ids=None, defer_ids=None, cfg_scale: float = 0.0,
+             cache: str = "none") -> GenerateOutput:
     """Block-diffusion decoding of a batch of prompts (see the module docstring for the algorithm).
 
     Args:
@@ -524,7 +682,10 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
             unpadded [B, L] int tensor. Must not contain ``mask_id``.
         block_size: K (1..64). max_new_tokens: response length cap (⌈max_new_tokens/K⌉ blocks decoded).
         steps_per_block: S (default K); step j of a block uses the floor f_j = ⌊K/S⌋ + [j < K mod S].
-        strategy: "tau_budget" (SPEC §2.3), "threshold" or "topk" (§2.4). tau, m: the rule's τ, m.
+        strategy: "tau_budget" (SPEC §2.3), "threshold" or "topk" (§2.4), or the peers' "entropy_bounded"
+            (EB-sampler, parameter ``gamma``), "factor" (Fast-dLLM, parameter ``factor``) and "random" (LLaDA's
+            random remasking; seeded by ``generator``); see :func:`slim_ops.tau_budget_step`. tau, m: the
+            rule's τ, m. Every rule commits at least the static floor f_j, clamped to the masked slots.
         temperature, top_k, top_p, generator: sampling (temperature 0 = greedy, deterministic).
         use_cache: SDAR only: decode against the KV cache (True) or recompute the prefix every step.
         batch_size: decode at most this many prompts at once (None = all).
@@ -534,6 +695,14 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
             (``model.set_attn_implementation(slim_ops.integrations.hf.register())``) and a dense 4D
             additive mask otherwise; "layout" insists on the former, "dense" forces the latter.
         backend: passed to :func:`slim_ops.tau_budget_step`.
+        gamma, factor: parameters of the "entropy_bounded" (γ >= 0) and "factor" (> 0) rules.
+        suppress_ids: token ids never predicted (logits −∞ before the step; LLaDA's ``logits_eos_inf``).
+        defer_ids: token ids whose slots get confidence 0 (entropy +∞) for the selection: committed only
+            when the floor needs them (LLaDA's ``confidence_eos_eot_inf``; the recorded confidence is 0).
+        cfg_scale: classifier-free guidance scale s >= 0 (LLaDA / Dream; 0 = off): each forward also runs
+            the canvas with the prompt's tokens replaced by μ (u), logits = u + (s + 1)(c − u).
+        cache: LLaDA / Dream: "none" (exact, whole canvas every step), "prefix" or "dual" (Fast-dLLM's
+            caches, approximate; the first step of each block is exact). SDAR uses ``use_cache``.
 
     Returns:
         :class:`GenerateOutput` (CPU tensors; rows in prompt order).
@@ -542,6 +711,9 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
     vocab = model.get_output_embeddings().weight.shape[0]
     S = _check_args(block_size, max_new_tokens, steps_per_block, strategy, tau, m, temperature, top_k, top_p,
                     batch_size)
+    _check_options(strategy, gamma, factor, cfg_scale, cache, info)
+    suppress = _check_ids("suppress_ids", suppress_ids, vocab)
+    defer = _check_ids("defer_ids", defer_ids, vocab)
     plist = _as_prompt_list(prompts, vocab, info["mask_id"])
     K = block_size
     nb = -(-max_new_tokens // K)
@@ -549,13 +721,17 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
     B = len(plist)
     rec = _Recorder(B, nb * K, nb * S, info["pad_id"], device)
     kw = dict(tau=float(tau), m=float(m), temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-              generator=generator, strategy=strategy, backend=backend)
+              generator=generator, strategy=strategy, backend=backend, gamma=float(gamma), factor=float(factor),
+              defer_ids=torch.tensor(defer, dtype=torch.int64, device=device) if defer else None)
+    if suppress:
+        info = dict(info, ban=torch.tensor(sorted({info["mask_id"], *suppress}), dtype=torch.int64, device=device))
     counters = {"model_calls": 0, "forward_tokens": 0}
     chunk = B if batch_size is None else batch_size
     for s0 in range(0, B, chunk):
         ids = torch.arange(s0, min(B, s0 + chunk))
         _generate_chunk(model, plist[s0:s0 + chunk], info, K=K, S=S, nb=nb, use_cache=use_cache, kw=kw,
-                        early_exit=early_exit, rec=rec, row_ids=ids, counters=counters, attention=attention)
+                        early_exit=early_exit, rec=rec, row_ids=ids, counters=counters, attention=attention,
+                        cache=cache, cfg_scale=float(cfg_scale))
 
     tokens = rec.tokens.cpu()
     step_map = rec.step_map.cpu()

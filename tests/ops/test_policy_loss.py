@@ -345,12 +345,20 @@ def test_rejects_bad_tensors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("level", ["sequence", "block", "token"])
-def test_gpu_triton_matches_independent(level):
+def test_gpu_triton_matches_reference_and_independent(level):
     logp, old, mask, adv, w = _random_case(B=6, L=256, seed=11, scale=0.5)
     dev = [t.cuda() for t in (logp, old, mask, adv, w)]
     lp = dev[0].clone().requires_grad_()
     loss, m = slim_ops.slim_policy_loss(lp, *dev[1:], level=level, block_size=16, backend="triton")
     loss.backward()
+    lr = logp.double().requires_grad_()  # reference.py on fp64-upcast inputs
+    ref_loss, ref_m = slim_policy_loss_ref(lr, old.double(), mask, adv.double(), w.double(), level=level,
+                                           block_size=16)
+    ref_loss.backward()
+    assert_close(loss, ref_loss, name="loss vs reference")
+    assert_close(lp.grad, lr.grad, name="dL/dlogp vs reference")
+    for k, v in ref_m.items():
+        assert_close(m[k], v, name=f"{k} vs reference")
     lp64 = logp.double().requires_grad_()
     exp_loss, exp_m = independent_loss(lp64, old.double(), mask, adv.double(), w.double(), level=level,
                                        block_size=16)

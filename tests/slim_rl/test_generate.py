@@ -301,3 +301,129 @@ def test_eos_past_max_new_tokens_is_not_finished(family):
     model, out, r = found
     assert len(out.sequences[0]) == 6 and not out.finished[0]
     _check_consistent(model, out, [PROMPTS[r]], block_size=4, max_new_tokens=6, steps=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the peers' options: selection rules, suppressed / deferred ids, classifier-free guidance, prefix / dual caches
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["entropy_bounded", "factor", "random"])
+@pytest.mark.parametrize("family", ["sdar", "dream"])
+def test_peer_strategies_terminate_and_are_consistent(strategy, family):
+    model = _with_eos(_model(family, seed=9, head_std=2.0), 4, 12)
+    kw = dict(block_size=4, max_new_tokens=12, strategy=strategy, gamma=0.5, factor=1.0)
+    out = generate(model, PROMPTS, generator=torch.Generator().manual_seed(1), **kw)
+    _check_consistent(model, out, PROMPTS, block_size=4, max_new_tokens=12, steps=4)
+    again = generate(model, PROMPTS, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(out.tokens, again.tokens) and torch.equal(out.full_step_map, again.full_step_map)
+    if strategy == "random":
+        assert (out.commits[out.commits > 0] == 1).all()  # f = 1 slot per step, drawn at random
+        other = generate(model, PROMPTS, generator=torch.Generator().manual_seed(2), **kw)
+        assert not torch.equal(other.full_step_map, out.full_step_map)
+
+
+def test_entropy_bounded_and_factor_extremes():
+    model = _model("llada", seed=9, head_std=2.0)
+    kw = dict(block_size=4, max_new_tokens=8)
+    wide = generate(model, PROMPTS, strategy="entropy_bounded", gamma=1e6, **kw)
+    assert (wide.nfe == 2).all()  # Σ H − max H <= γ for the whole block: one step per block
+    narrow = generate(model, PROMPTS, strategy="entropy_bounded", gamma=0.0, **kw)
+    assert (narrow.commits[:, :8] == 1).all()  # γ = 0: exactly one slot per step
+    assert (generate(model, PROMPTS, strategy="factor", factor=1e-6, **kw).commits[:, :8] == 1).all()
+    assert (generate(model, PROMPTS, strategy="factor", factor=1e6, **kw).nfe == 2).all()
+
+
+def test_suppress_and_defer_ids():
+    model = _model("llada", seed=10, head_std=2.0)
+    kw = dict(block_size=4, max_new_tokens=12, tau=0.6)
+    base = generate(model, PROMPTS, **kw)
+    common = torch.bincount(base.tokens.flatten(), minlength=V).topk(2).indices.tolist()
+    out = generate(model, PROMPTS, suppress_ids=common, **kw)
+    assert not torch.isin(out.tokens, torch.tensor(common)).any()
+    _check_consistent(model, out, PROMPTS, block_size=4, max_new_tokens=12, steps=4)
+    deferred = generate(model, PROMPTS, defer_ids=common, **kw)
+    _check_consistent(model, deferred, PROMPTS, block_size=4, max_new_tokens=12, steps=4)
+    hit = torch.isin(deferred.tokens, torch.tensor(common))
+    assert hit.any()
+    assert (deferred.full_confidence[hit] == 0).all()  # the confidence the selection used
+    for i in range(len(PROMPTS)):  # c = 0 is never above τ: only the floor (f = 1) takes a deferred slot, and
+        for t in deferred.full_step_map[i][hit[i]].tolist():  # only when no other masked slot is left to take
+            assert int(deferred.commits[i, t]) == 1
+
+
+def test_cfg_scale_combines_conditional_and_unconditional_logits(monkeypatch):
+    import slim_rl.generate as G
+
+    model = _model("llada", seed=11, head_std=2.0)
+    seen = []
+    orig = G._step
+    monkeypatch.setattr(G, "_step", lambda logits, *a: (seen.append(logits.clone()), orig(logits, *a))[1])
+    s = 1.5
+    generate(model, [PROMPTS[0]], block_size=4, max_new_tokens=4, cfg_scale=s)
+    L0 = len(PROMPTS[0])
+    x = torch.tensor([PROMPTS[0] + [model.mask_id] * 4])
+    un = x.clone()
+    un[:, :L0] = model.mask_id
+    pos = torch.arange(L0 + 4)[None]
+    full = torch.zeros(1, 1, L0 + 4, L0 + 4)  # bidirectional, nothing hidden
+    with torch.no_grad():
+        c = model(input_ids=x, position_ids=pos, attention_mask=full).logits[:, L0:]
+        u = model(input_ids=un, position_ids=pos, attention_mask=full).logits[:, L0:]
+    want = u + (s + 1) * (c - u)
+    torch.testing.assert_close(seen[0], want, atol=1e-4, rtol=1e-4)
+    a = generate(model, PROMPTS, block_size=4, max_new_tokens=8, cfg_scale=0.0)
+    b = generate(model, PROMPTS, block_size=4, max_new_tokens=8)
+    assert torch.equal(a.tokens, b.tokens)
+    guided = generate(model, PROMPTS, block_size=4, max_new_tokens=8, cfg_scale=s, cache="dual")
+    _check_consistent(model, guided, PROMPTS, block_size=4, max_new_tokens=8, steps=4)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_refresh_is_exact(family, cache):
+    """The first step of each block is the cache="none" forward: with S = 1 every block is decoded by its
+    refresh step, so the outputs equal the exact engine's; with one layer the cached K/V (a function of the
+    token and position only) are exact too, so every step agrees."""
+    model = _with_eos(_model(family, seed=12, head_std=2.0), 4, 12)
+    kw = dict(block_size=4, max_new_tokens=12, tau=0.6)
+    exact = generate(model, PROMPTS, steps_per_block=1, **kw)
+    out = generate(model, PROMPTS, steps_per_block=1, cache=cache, **kw)
+    assert torch.equal(out.tokens, exact.tokens) and torch.equal(out.full_step_map, exact.full_step_map)
+    one = tiny(family, vocab_size=V, seed=3, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+               head_std=2.0)
+    exact = generate(one, PROMPTS, **kw)
+    out = generate(one, PROMPTS, cache=cache, **kw)
+    assert torch.equal(out.tokens, exact.tokens) and torch.equal(out.full_step_map, exact.full_step_map)
+    assert torch.equal(generate(one, PROMPTS, cache="none", **kw).tokens, exact.tokens)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_cache_is_approximate_and_consistent(family):
+    model = _model(family, seed=13, head_std=1.0)
+    kw = dict(block_size=4, max_new_tokens=12, tau=0.9)
+    exact = generate(model, PROMPTS, **kw)
+    for cache in ("prefix", "dual"):
+        out = generate(model, PROMPTS, cache=cache, **kw)
+        _check_consistent(model, out, PROMPTS, block_size=4, max_new_tokens=12, steps=4)
+        agree = float((out.tokens == exact.tokens).float().mean())
+        assert 0.0 < agree <= 1.0
+        # the first step of the first block sees the same canvas as the exact engine
+        first = (exact.full_step_map[:, :4] == 0)
+        assert torch.equal(out.full_step_map[:, :4] == 0, first)
+        assert torch.equal(out.tokens[:, :4][first], exact.tokens[:, :4][first])
+    dual = generate(model, PROMPTS, cache="dual", **kw)
+    prefix = generate(model, PROMPTS, cache="prefix", **kw)
+    assert dual.forward_tokens < prefix.forward_tokens < exact.forward_tokens
+
+
+def test_peer_option_validation():
+    sdar, llada = _model("sdar"), _model("llada")
+    for model, kwargs, msg in [
+        (llada, dict(cache="full"), "cache must be one of"), (sdar, dict(cache="dual"), "SDAR decodes against"),
+        (sdar, dict(cfg_scale=1.0), "cfg_scale is supported"), (llada, dict(cfg_scale=-1.0), "cfg_scale must be"),
+        (llada, dict(strategy="entropy_bounded", gamma=-1.0), "gamma must be"),
+        (llada, dict(factor=0.0), "factor must be"), (llada, dict(suppress_ids=[V]), "suppress_ids must hold"),
+        (llada, dict(defer_ids=["a"]), "defer_ids must be"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            generate(model, PROMPTS, block_size=4, max_new_tokens=4, **kwargs)
