@@ -27,67 +27,90 @@ def _clamped(x: torch.Tensor) -> torch.Tensor:
     return torch.tensor(math.copysign(10.0, v), dtype=x.dtype)
 
 
-def _unit_objective(ratio: torch.Tensor, a: float, lo: float, hi: float):
-    """min(ratio*A, clip(ratio)*A) as a piecewise function: ratio*A where the clip is inactive."""
+def _unit_objective(ratio: torch.Tensor, a: float, lo: float, hi: float, cap: float | None = None):
+    """min(min(ratio, δ)*A, clip(ratio)*A) as a piecewise function: ratio*A where neither the clip nor the
+    cap δ is active; returns (objective, TRL clip flag, δ flag)."""
     r = float(ratio.detach())
-    keep = (a >= 0 and r <= hi) or (a < 0 and r >= lo)
-    if keep:
-        return ratio * a, False
-    return torch.tensor(min(max(r, lo), hi) * a, dtype=ratio.dtype), True
+    c = math.inf if cap is None else cap
+    clipped = (a > 0 and r > hi) or (a < 0 and r < lo)
+    capped = a < 0 and r > c
+    if ((a >= 0 and r <= hi) or (a < 0 and r >= lo)) and r <= c:
+        return ratio * a, clipped, capped
+    return torch.tensor(min(min(r, c) * a, min(max(r, lo), hi) * a), dtype=ratio.dtype), clipped, capped
+
+
+def _aggregate(mode, sums, counts, w, L1):
+    """One of the four reductions of per-row token sums, written out row by row."""
+    B = len(sums)
+    if mode == "token-mean":
+        return sum(w[b] * sums[b] for b in range(B)) / max(sum(counts), 1)
+    if mode == "seq-mean-token-mean":
+        return sum(w[b] * sums[b] / max(counts[b], 1) for b in range(B)) / B
+    if mode == "seq-mean-token-sum":
+        return sum(w[b] * sums[b] for b in range(B)) / B
+    assert mode == "seq-mean-token-sum-norm"
+    return sum(w[b] * sums[b] / L1 for b in range(B)) / B
 
 
 def independent_loss(logp, logp_old, mask, adv, w, *, level="sequence", clip_low=0.1, clip_high=0.1,
-                     clip_token=0.2, kl_coef=0.01, kl_estimator="k3", response_len=None, block_size=None):
+                     clip_token=0.2, kl_coef=0.01, kl_estimator="k3", response_len=None, block_size=None,
+                     clip_delta=None, loss_agg=None, kl_reference=None):
     B, L = logp.shape
     L1 = response_len or L
     lo32 = float(torch.tensor(1.0 - clip_low, dtype=torch.float32))  # bounds as fp32 values, like the op
     hi32 = float(torch.tensor(1.0 + clip_high, dtype=torch.float32))
     tlo32 = float(torch.tensor(1.0 - clip_token, dtype=torch.float32))
     thi32 = float(torch.tensor(1.0 + clip_token, dtype=torch.float32))
-    pol = torch.zeros((), dtype=torch.float64)
-    kl_total = torch.zeros((), dtype=torch.float64)
-    units = clipped = 0
+    ref = logp_old if kl_reference is None else kl_reference
+    units = clipped = capped = 0
     ratio_sum = 0.0
+    pol_sums, kl_sums, counts = [], [], []
     for b in range(B):
         a = float(adv[b])
         idx = [i for i in range(L) if bool(mask[b, i])]
         deltas = {i: logp[b, i] - float(logp_old[b, i]) for i in idx}
-        J = torch.zeros((), dtype=torch.float64)
+        S = torch.zeros((), dtype=torch.float64)  # Σ over M of the per-position objective
+        unit_list = []
         if level == "sequence" and idx:
-            s = torch.exp(_clamped(sum(deltas.values()) / len(idx)))
-            J, c = _unit_objective(s, a, lo32, hi32)
-            units, clipped, ratio_sum = units + 1, clipped + c, ratio_sum + float(s.detach())
+            unit_list = [(idx, lo32, hi32)]
         elif level == "block":
             for start in range(0, L, block_size):
                 blk = [i for i in idx if start <= i < start + block_size]
-                if not blk:
-                    continue
-                s = torch.exp(_clamped(sum(deltas[i] for i in blk) / len(blk)))
-                obj, c = _unit_objective(s, a, lo32, hi32)
-                J = J + len(blk) * obj / L1
-                units, clipped, ratio_sum = units + 1, clipped + c, ratio_sum + float(s.detach())
+                if blk:
+                    unit_list.append((blk, lo32, hi32))
         elif level == "token":
-            for i in idx:
-                r = torch.exp(_clamped(deltas[i]))
-                obj, c = _unit_objective(r, a, tlo32, thi32)
-                J = J + obj / L1
-                units, clipped, ratio_sum = units + 1, clipped + c, ratio_sum + float(r.detach())
+            unit_list = [([i], tlo32, thi32) for i in idx]
+        for members, lo_, hi_ in unit_list:
+            s = torch.exp(_clamped(sum(deltas[i] for i in members) / len(members)))
+            obj, c, x = _unit_objective(s, a, lo_, hi_, clip_delta)
+            S = S + len(members) * obj
+            units, clipped, capped, ratio_sum = units + 1, clipped + c, capped + x, ratio_sum + float(s.detach())
         kl_row = torch.zeros((), dtype=torch.float64)
         for i in idx:
-            d = deltas[i]
+            d = logp[b, i] - float(ref[b, i])
             if kl_estimator == "k3":
                 kl_row = kl_row + torch.exp(_clamped(-d)) - 1 + d
             elif kl_estimator == "k2":
                 kl_row = kl_row + 0.5 * d * d
             else:
                 kl_row = kl_row + d
-        pol = pol - float(w[b]) * J / B
-        kl_total = kl_total + float(w[b]) * (kl_row / L1) / B
+        pol_sums.append(S)
+        kl_sums.append(kl_row)
+        counts.append(len(idx))
+    wl = [float(x) for x in w]
+    if loss_agg is None:  # SPEC §4.5
+        pol_mode = "seq-mean-token-mean" if level == "sequence" else "seq-mean-token-sum-norm"
+        kl_mode = "seq-mean-token-sum-norm"
+    else:
+        pol_mode = kl_mode = loss_agg
+    pol = -_aggregate(pol_mode, pol_sums, counts, wl, L1)
+    kl_total = _aggregate(kl_mode, kl_sums, counts, wl, L1)
     loss = pol + kl_coef * kl_total
     metrics = {"policy_loss": pol, "kl_loss": kl_coef * kl_total, "kl": kl_total,
                "clip_frac": torch.tensor(clipped / max(units, 1)),
                "ratio_mean": torch.tensor(ratio_sum / max(units, 1)),
-               "masked_count": mask.sum().double()}
+               "masked_count": mask.sum().double(),
+               "clip_frac_delta": torch.tensor(capped / max(units, 1))}
     return loss, metrics
 
 
@@ -107,22 +130,29 @@ def _random_case(B=6, L=11, seed=0, scale=0.3):
     return logp, old, mask, adv, w
 
 
-def _check_against_independent(backend, logp, old, mask, adv, w, **kw):
+def _check_against_independent(backend, logp, old, mask, adv, w, upstream=1.0, **kw):
     lp = logp.clone().requires_grad_()
     loss, metrics = slim_ops.slim_policy_loss(lp, old, mask, adv, w, backend=backend, **kw)
-    loss.backward()
+    (upstream * loss).backward()
     lp64 = logp.double().requires_grad_()
-    exp_loss, exp_metrics = independent_loss(lp64, old.double(), mask, adv.double(), w.double(), **kw)
-    exp_loss.backward()
-    assert_close(loss, exp_loss, name=f"{backend} loss {kw}")
-    assert_close(lp.grad, lp64.grad, name=f"{backend} dL/dlogp {kw}")
+    kw64 = dict(kw)
+    if kw.get("kl_reference") is not None:
+        kw64["kl_reference"] = kw["kl_reference"].double()
+    exp_loss, exp_metrics = independent_loss(lp64, old.double(), mask, adv.double(), w.double(), **kw64)
+    (upstream * exp_loss).backward()
+    name = {k: v for k, v in kw.items() if k != "kl_reference"}
+    assert_close(loss, exp_loss, name=f"{backend} loss {name}")
+    assert_close(lp.grad, lp64.grad, name=f"{backend} dL/dlogp {name}")
     for k, v in exp_metrics.items():
-        assert_close(metrics[k], v, name=f"{backend} metric {k} {kw}")
+        assert_close(metrics[k], v, name=f"{backend} metric {k} {name}")
     # the fp32 reference (autograd through torch.minimum / clamp) agrees too
     lpr = logp.clone().requires_grad_()
-    ref_loss, _ = slim_policy_loss_ref(lpr, old, mask, adv, w, **kw)
-    ref_loss.backward()
-    assert_close(lpr.grad, lp64.grad, name=f"reference dL/dlogp {kw}")
+    ref_loss, ref_metrics = slim_policy_loss_ref(lpr, old, mask, adv, w, **kw)
+    (upstream * ref_loss).backward()
+    assert_close(ref_loss, exp_loss, name=f"reference loss {name}")
+    assert_close(lpr.grad, lp64.grad, name=f"reference dL/dlogp {name}")
+    for k, v in exp_metrics.items():
+        assert_close(ref_metrics[k], v, name=f"reference metric {k} {name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,7 +214,8 @@ def test_spec_ratios_and_kl_rows():
 @pytest.mark.parametrize("level", ["sequence", "block", "token"])
 @pytest.mark.parametrize("kl_estimator", ["k3", "k2", "k1"])
 def test_matches_independent(backend, level, kl_estimator):
-    logp, old, mask, adv, w = _random_case(seed=hash((level, kl_estimator)) % 1000)
+    seed = 10 * ["sequence", "block", "token"].index(level) + ["k3", "k2", "k1"].index(kl_estimator)
+    logp, old, mask, adv, w = _random_case(seed=seed)
     _check_against_independent(backend, logp, old, mask, adv, w, level=level, kl_estimator=kl_estimator,
                                clip_low=0.1, clip_high=0.15, clip_token=0.2, kl_coef=0.05, response_len=13,
                                block_size=4)
@@ -288,9 +319,13 @@ def test_gradients_flow_to_logp_only():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     logp, old, mask, adv, w = _random_case(B=5, L=7)
-    for level in ("sequence", "block", "token"):
-        args = (logp.clone().requires_grad_(), old, mask, adv, w, level, 0.1, 0.2, 0.2, 0.01, "k3", 7, 3,
-                backend)
+    ref = old + 0.1
+    for level, cap, pol_agg, kl_agg, has_ref in (("sequence", math.inf, "seq-mean-token-mean",
+                                                  "seq-mean-token-sum-norm", False),
+                                                 ("block", 3.0, "token-mean", "token-mean", True),
+                                                 ("token", 1.3, "seq-mean-token-sum", "seq-mean-token-sum", True)):
+        args = (logp.clone().requires_grad_(), old, mask, adv, w, ref if has_ref else old, level, 0.1, 0.2, 0.2,
+                0.01, "k3", 7, 3, cap, pol_agg, kl_agg, has_ref, backend)
         torch.library.opcheck(torch.ops.slim_ops.slim_policy_loss.default, args)
 
 
@@ -322,6 +357,11 @@ def test_torch_compile_fullgraph():
     (dict(clip_high=-0.1), "clip_high must be a float >= 0"),
     (dict(kl_coef=-1.0), "kl_coef must be a float >= 0"),
     (dict(response_len=0), "response_len must be a positive int"),
+    (dict(clip_delta=0.9), "clip_delta must be a finite float > 1"),
+    (dict(clip_delta=math.inf), "clip_delta must be a finite float > 1"),
+    (dict(loss_agg="mean"), "loss_agg must be one of"),
+    (dict(kl_reference=torch.zeros(6, 3)), "kl_reference must be a floating tensor of the shape of logp"),
+    (dict(kl_reference=torch.zeros(6, 11, dtype=torch.int64)), "kl_reference must be a floating tensor"),
 ])
 def test_rejects_bad_arguments(bad, match):
     logp, old, mask, adv, w = _random_case()
@@ -392,3 +432,169 @@ def test_defaults_block_size_and_numeric_masks():
     for m in (mask, mask.int(), mask.float()):
         got, _ = slim_ops.slim_policy_loss(logp, old, m, adv, w, level="block")
         assert_close(got, ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# options beyond SPEC §4.5: clip_delta, loss_agg, kl_reference, TRL/Liger clip_frac
+# --------------------------------------------------------------------------------------------------
+AGGS = [None, "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["sequence", "block", "token"])
+@pytest.mark.parametrize("loss_agg", AGGS)
+def test_options_match_independent(backend, level, loss_agg):
+    # every aggregation at every level; the cap δ and the reference log-probs cycle through their settings
+    i = AGGS.index(loss_agg)
+    seed = 100 + 10 * ["sequence", "block", "token"].index(level) + i
+    logp, old, mask, adv, w = _random_case(B=8, L=13, seed=seed, scale=0.6)
+    adv = torch.tensor([1.0, -1.0, 0.7, -0.3, 0.0, 2.0, -2.0, -0.5])
+    g = torch.Generator().manual_seed(seed)
+    ref = old + 0.3 * torch.randn(old.shape, generator=g) if i % 2 == 0 else None
+    cap = (None, 1.25, 3.0)[i % 3]
+    upstream = float(torch.empty(()).uniform_(0.5, 2.0, generator=g)) * (-1) ** i
+    _check_against_independent(backend, logp, old, mask, adv, w, upstream=upstream, level=level, block_size=4,
+                               response_len=15, clip_low=0.2, clip_high=0.15, clip_token=0.2, kl_coef=0.05,
+                               clip_delta=cap, loss_agg=loss_agg, kl_reference=ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_clip_delta_caps_negative_advantages(backend, level):
+    # ratios well above δ: for A < 0 the objective is δ·A with no gradient (verl dual-clip, TRL/Liger delta);
+    # for A > 0 the usual upper clip already cuts them
+    old = torch.zeros(4, 3)
+    logp = torch.tensor([[1.5, 1.5, 1.5], [1.5, 1.5, 1.5], [0.1, 0.1, 0.1], [-0.5, -0.5, -0.5]])
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    adv = torch.tensor([-1.0, 1.0, -1.0, -1.0])
+    lp = logp.clone().requires_grad_()
+    loss, m = slim_ops.slim_policy_loss(lp, old, mask, adv, level=level, clip_delta=3.0, kl_coef=0.0,
+                                        clip_token=0.2, backend=backend)
+    loss.backward()
+    assert torch.all(lp.grad[0] == 0) and torch.all(lp.grad[1] == 0)   # capped (A<0), clipped (A>0)
+    assert torch.all(lp.grad[2] != 0)                                     # inside: gradient kept
+    assert torch.all(lp.grad[3] == 0)                                     # A<0 below 1-ε: clipped
+    lp0 = logp.clone().requires_grad_()
+    loss0, m0 = slim_ops.slim_policy_loss(lp0, old, mask, adv, level=level, kl_coef=0.0, backend=backend)
+    loss0.backward()
+    assert torch.all(lp0.grad[0] != 0)  # without δ the large ratio with A<0 carries the full gradient
+    if level == "sequence":
+        J = torch.tensor([-3.0, 1.1, -math.exp(0.1), -0.9])
+        assert_close(loss, -J.mean(), name="capped loss")
+        assert m["clip_frac_delta"].item() == 0.25 and m["clip_frac"].item() == 0.5
+        assert m0["clip_frac_delta"].item() == 0
+    else:
+        assert m["clip_frac_delta"].item() == 0.25 and m["clip_frac"].item() == 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_frac_counts_active_clips_only(backend):
+    # TRL / Liger: a ratio outside [1-ε, 1+ε] counts only when its advantage's sign makes the clip active
+    old = torch.zeros(6, 1)
+    logp = torch.log(torch.tensor([[1.5], [1.5], [1.5], [0.5], [0.5], [0.5]]))
+    mask = torch.ones(6, 1, dtype=torch.bool)
+    adv = torch.tensor([1.0, 0.0, -1.0, -1.0, 0.0, 1.0])
+    _, m = slim_ops.slim_policy_loss(logp, old, mask, adv, backend=backend)
+    assert m["clip_frac"].item() == pytest.approx(2 / 6)
+    _, mr = slim_policy_loss_ref(logp, old, mask, adv)
+    assert mr["clip_frac"].item() == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["sequence", "block", "token"])
+def test_defaults_bitwise_stable(backend, level):
+    # a δ no ratio can reach and the aggregation that equals SPEC §4.5 give bit-identical loss and gradient;
+    # kl_reference = logp_old is the default KL
+    logp, old, mask, adv, w = _random_case(B=7, L=20, seed=31, scale=0.8)
+    kw = dict(level=level, block_size=4, response_len=22, backend=backend)
+    outs = []
+    for extra in ({}, dict(clip_delta=1e30), dict(kl_reference=old.clone()),
+                  dict(loss_agg=None if level == "sequence" else "seq-mean-token-sum-norm")):
+        lp = logp.clone().requires_grad_()
+        loss, m = slim_ops.slim_policy_loss(lp, old, mask, adv, w, **kw, **extra)
+        loss.backward()
+        outs.append((loss.detach(), lp.grad, m))
+    for loss, grad, m in outs[1:]:
+        assert torch.equal(loss, outs[0][0]) and torch.equal(grad, outs[0][1])
+        assert all(torch.equal(m[k], outs[0][2][k]) for k in m)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_reference_moves_only_the_kl(backend):
+    logp, old, mask, adv, w = _random_case(B=6, L=11, seed=41)
+    ref = old - 0.5
+    _, m_old = slim_ops.slim_policy_loss(logp, old, mask, adv, w, backend=backend)
+    _, m_ref = slim_ops.slim_policy_loss(logp, old, mask, adv, w, kl_reference=ref, backend=backend)
+    assert torch.equal(m_old["policy_loss"], m_ref["policy_loss"])
+    assert torch.equal(m_old["clip_frac"], m_ref["clip_frac"])
+    assert m_ref["kl"].item() > m_old["kl"].item() + 1e-3
+    # KL against ref == KL against θ_old when the caller passes ref as logp_old (policy term aside)
+    _, m_swap = slim_ops.slim_policy_loss(logp, ref, mask, adv, w, backend=backend)
+    assert_close(m_swap["kl"], m_ref["kl"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options_with_empty_rows_and_nonfinite(backend):
+    # all-empty batch under every aggregation: zero loss, zero gradient, no NaN
+    logp, old, _, adv, w = _random_case(B=5, L=6, seed=51)
+    empty = torch.zeros(5, 6, dtype=torch.bool)
+    for agg in AGGS:
+        lp = logp.clone().requires_grad_()
+        loss, m = slim_ops.slim_policy_loss(lp, old, empty, adv, w, loss_agg=agg, clip_delta=2.0,
+                                            kl_reference=old + 1, backend=backend)
+        loss.backward()
+        assert loss.item() == 0 and torch.all(lp.grad == 0) and m["clip_frac_delta"].item() == 0
+    # NaN log-probs off the mask are never read; on the mask they propagate the same way as the reference
+    mask = torch.rand(5, 6, generator=torch.Generator().manual_seed(3)) < 0.5
+    mask[1, 2] = True
+    lpn = logp.clone()
+    lpn[~mask] = float("nan")
+    refn = old.clone()
+    refn[~mask] = float("inf")
+    for agg in AGGS:
+        loss, _ = slim_ops.slim_policy_loss(lpn, old, mask, adv, w, loss_agg=agg, kl_reference=refn,
+                                            backend=backend)
+        exp, _ = slim_policy_loss_ref(lpn, old, mask, adv, w, loss_agg=agg, kl_reference=refn)
+        assert_close(loss, exp, name=f"loss {agg}")
+    lpn[1, 2] = float("nan")
+    loss, _ = slim_ops.slim_policy_loss(lpn, old, mask, adv, w, loss_agg="token-mean", backend=backend)
+    exp, _ = slim_policy_loss_ref(lpn, old, mask, adv, w, loss_agg="token-mean")
+    assert math.isnan(loss.item()) and math.isnan(exp.item())
+
+
+def test_triton_grad_poisoned_and_low_precision():
+    # the Triton backward writes every position (its output starts as NaN) in logp's dtype
+    logp, old, mask, adv, w = _random_case(B=5, L=37, seed=61)
+    for dtype in (torch.float32, torch.bfloat16):
+        lp = logp.to(dtype).clone().requires_grad_()
+        loss, _ = slim_ops.slim_policy_loss(lp, old, mask, adv, w, level="token", loss_agg="token-mean",
+                                            clip_delta=1.5, kl_reference=old + 0.2, backend="triton")
+        loss.backward()
+        assert lp.grad.dtype == dtype and not torch.isnan(lp.grad).any()
+        assert torch.all(lp.grad[~mask] == 0)
+        lr = logp.to(dtype).float().clone().requires_grad_()
+        ref, _ = slim_policy_loss_ref(lr, old, mask, adv, w, level="token", loss_agg="token-mean", clip_delta=1.5,
+                                      kl_reference=old + 0.2)
+        ref.backward()
+        assert_close(lp.grad.float(), lr.grad.to(dtype).float(), dtype=dtype, name=f"{dtype} grad")
+
+
+def test_loss_from_hidden_packed_kl_reference():
+    g = torch.Generator().manual_seed(71)
+    B, L, d, V = 3, 6, 8, 17
+    mask = torch.rand(B, L, generator=g) < 0.6
+    n = int(mask.sum())
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(V, d, generator=g)
+    labels = torch.randint(0, V, (n,), generator=g)
+    old = -torch.rand(n, generator=g) * 3
+    ref = -torch.rand(n, generator=g) * 3
+    adv = torch.tensor([0.5, -0.5, 1.0])
+    kw = dict(level="token", loss_agg="seq-mean-token-mean", clip_delta=2.0)
+    loss, m, logp = slim_ops.slim_loss_from_hidden(hidden, weight, labels, old, mask, adv, kl_reference=ref,
+                                                   backend="torch", **kw)
+    dense = lambda x: torch.zeros(B, L).masked_scatter(mask, x)
+    exp, _ = slim_policy_loss_ref(dense(logp), dense(old), mask, adv, kl_reference=dense(ref), **kw)
+    assert_close(loss, exp)
+    with pytest.raises(ValueError, match="packed kl_reference"):
+        slim_ops.slim_loss_from_hidden(hidden, weight, labels, old, mask, adv, kl_reference=ref[:-1])
