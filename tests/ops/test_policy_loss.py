@@ -409,6 +409,33 @@ def test_gpu_triton_matches_reference_and_independent(level):
         assert_close(m[k], v, name=k)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("level", ["sequence", "block", "token"])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_gpu_triton_options_match_independent(level, loss_agg):
+    # clip_delta, loss_agg and kl_reference in the compiled kernels, random upstream gradient
+    logp, old, mask, adv, w = _random_case(B=6, L=256, seed=13, scale=0.5)
+    ref = old + 0.25 * torch.randn(old.shape, generator=torch.Generator().manual_seed(14))
+    _check_against_independent_gpu(logp, old, mask, adv, w, level=level, block_size=16, loss_agg=loss_agg,
+                                   clip_delta=1.3 if loss_agg == "token-mean" else 3.0, kl_reference=ref)
+
+
+def _check_against_independent_gpu(logp, old, mask, adv, w, **kw):
+    dev = [t.cuda() for t in (logp, old, mask, adv, w)]
+    lp = dev[0].clone().requires_grad_()
+    kwd = dict(kw, kl_reference=kw["kl_reference"].cuda())
+    loss, m = slim_ops.slim_policy_loss(lp, *dev[1:], backend="triton", **kwd)
+    (-0.7 * loss).backward()
+    lp64 = logp.double().requires_grad_()
+    exp_loss, exp_m = independent_loss(lp64, old.double(), mask, adv.double(), w.double(),
+                                       **dict(kw, kl_reference=kw["kl_reference"].double()))
+    (-0.7 * exp_loss).backward()
+    assert_close(loss, exp_loss, name="loss")
+    assert_close(lp.grad, lp64.grad, name="dL/dlogp")
+    for k, v in exp_m.items():
+        assert_close(m[k], v, name=k)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     logp, old, mask, adv, w = _random_case(B=6, L=11, seed=12)
