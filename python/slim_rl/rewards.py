@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import builtins
 import functools
 import json
 import logging
@@ -209,8 +210,19 @@ class _Unsupported(ValueError):
 _SAFE_FUNCS: dict[str, Any] = {f.__name__: f for f in (
     abs, len, sorted, set, frozenset, list, tuple, dict, round, min, max, sum, int, float, str, bool, all, any,
     isinstance, type, complex, bytes, divmod)}
+
+
+def _range(*args: int) -> range:
+    r = range(*args)
+    if len(r) > _SEQ_CAP:
+        raise OverflowError("range too long")
+    return r
+
+
+_SAFE_FUNCS["range"] = _range
 _MATH_ATTRS = {"isclose", "isnan", "isinf", "isfinite", "fabs", "sqrt", "floor", "ceil", "pi", "e", "inf", "nan",
                "tau", "log", "log2", "log10", "exp", "pow", "gcd", "factorial", "comb", "perm", "prod", "hypot"}
+_BUILTIN_NAMES = frozenset(dir(builtins))
 _SEQ_CAP = 1_000_000  # longest sequence / digit count the parent will build from a repetition or power
 
 
@@ -225,6 +237,7 @@ class TestPlan:
     env: dict[str, Any] = field(default_factory=dict)
     math_names: set[str] = field(default_factory=set)
     math_funcs: dict[str, str] = field(default_factory=dict)
+    imported: set[str] = field(default_factory=set)
     alias: str | None = None
     entry: str | None = None
 
@@ -240,7 +253,16 @@ class _Splitter:
             or name in p.math_names
 
     def free_names(self, node: ast.AST) -> bool:
-        return any(isinstance(n, ast.Name) and not self.known(n.id) for n in ast.walk(node))
+        """True when ``node`` names something only the program can define (not a builtin, a test import
+        or assignment, or a comprehension / lambda variable): only such expressions run in the sandbox."""
+        bound: set[str] = set()
+        for n in ast.walk(node):
+            if isinstance(n, ast.comprehension):
+                bound |= {t.id for t in ast.walk(n.target) if isinstance(t, ast.Name)}
+            elif isinstance(n, ast.Lambda):
+                bound |= {a.arg for a in n.args.args + n.args.kwonlyargs + n.args.posonlyargs}
+        return any(isinstance(n, ast.Name) and not self.known(n.id) and n.id not in bound
+                   and n.id not in _BUILTIN_NAMES and n.id not in self.plan.imported for n in ast.walk(node))
 
     def leaf(self, node: ast.expr) -> ast.expr:
         k = len(self.plan.calls)
@@ -266,7 +288,11 @@ class _Splitter:
         if isinstance(node, ast.Constant):
             return node
         if isinstance(node, ast.Name):
-            return node if self.known(node.id) else self.leaf(node)
+            if self.known(node.id):
+                return node
+            if self.free_names(node):
+                return self.leaf(node)
+            raise _Unsupported(node.id)
         if isinstance(node, ast.Attribute):
             if isinstance(node.value, ast.Name) and node.value.id in p.math_names and node.attr in _MATH_ATTRS:
                 return node
@@ -346,12 +372,13 @@ def parse_tests(tests: str) -> TestPlan:
     except SyntaxError as e:
         raise ValueError(f"tests: not valid Python ({e.msg}, line {e.lineno})") from None
     plan = TestPlan(setup="", calls=[], checks=[])
-    setup: list[tuple[str | None, str]] = []  # (assigned name or None for an import, source)
+    setup: list[tuple[str | None, str, ast.AST | None]] = []  # (assigned name or None, source, value)
 
     def stmt(s: ast.stmt, in_check: bool) -> None:
         if isinstance(s, (ast.Import, ast.ImportFrom)):
-            setup.append((None, ast.unparse(s)))
+            setup.append((None, ast.unparse(s), None))
             for a in s.names:
+                plan.imported.add(a.asname or a.name.split(".")[0])
                 if isinstance(s, ast.Import) and a.name == "math":
                     plan.math_names.add(a.asname or "math")
                 elif isinstance(s, ast.ImportFrom) and s.module == "math" and a.name in _MATH_ATTRS:
@@ -360,7 +387,7 @@ def parse_tests(tests: str) -> TestPlan:
         if isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name):
             name = s.targets[0].id
             ok, val = _literal(plan, s.value)
-            setup.append((name, ast.unparse(s)))
+            setup.append((name, ast.unparse(s), s.value))
             if ok:
                 plan.env[name] = val
             else:
@@ -396,19 +423,19 @@ def parse_tests(tests: str) -> TestPlan:
     if plan.alias and plan.alias in plan.env:
         raise ValueError(f"tests: check's parameter {plan.alias!r} is also assigned")
     # only the assignments the calls use go into the sandbox: expected values stay out of it
-    names = lambda src: {n.id for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Name)}
+    names = lambda tree: {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     needed: set[str] = set()
     for c in plan.calls:
-        needed |= names(c)
+        needed |= names(ast.parse(c, mode="eval"))
     keep = [False] * len(setup)
     for j in range(len(setup) - 1, -1, -1):
-        name, src = setup[j]
+        name, _, value = setup[j]
         if name is None or name in needed:
             keep[j] = True
             if name is not None:
                 needed.discard(name)
-                needed |= names(src.split("=", 1)[1])
-    plan.setup = "\n".join(src for (_, src), k in zip(setup, keep) if k)
+                needed |= names(value)
+    plan.setup = "\n".join(src for (_, src, _), k in zip(setup, keep) if k)
     return plan
 
 

@@ -562,7 +562,11 @@ def _finish(proc: subprocess.Popen, kill) -> int | None:
         return proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         kill()
-        return proc.wait()
+        try:
+            return proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 def _run_bwrap(program: str, *, mode: str, stdin: bytes, limits: SandboxLimits,
@@ -587,7 +591,7 @@ def _run_bwrap(program: str, *, mode: str, stdin: bytes, limits: SandboxLimits,
             pipes.append(res_r)
             hargs.append(str(res_w))
         disk = int(limits.disk_mb) * 1024 * 1024
-        argv = [st["bwrap"], "--unshare-all", "--die-with-parent", "--new-session",
+        argv = [st["bwrap"], "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1",
                 "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--hostname", "sandbox",
                 *st["view"], "--proc", "/proc", "--dev", "/dev",
                 "--size", str(disk), "--perms", "1777", "--tmpfs", _WORKDIR,
@@ -607,16 +611,15 @@ def _run_bwrap(program: str, *, mode: str, stdin: bytes, limits: SandboxLimits,
         child = [None]
 
         def kill() -> None:
-            # SIGKILL the namespace's PID 1: the kernel then kills every task in the namespace, and bwrap
-            # (which waits for it) exits only after they are gone
+            # SIGKILL the namespace's PID 1 (the program): the kernel then kills every task in the
+            # namespace, and bwrap reaps it and exits. Only when that PID is unknown is bwrap itself
+            # killed (--die-with-parent then takes the namespace down).
             if child[0] is None:
                 child[0] = _child_pid(info_r, proc.pid)
-            for pid in (child[0], proc.pid):
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+            try:
+                os.kill(child[0] or proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
         extra = {res_r: "result"} if result else {}
         bufs, timed_out, exceeded = _pump(proc, stdin, extra, limits, kill)
