@@ -1,10 +1,11 @@
 """Quadrature, per-block mask schedules and training-row construction (SPEC §4.2 and §5).
 
-Everything here is vectorised and runs on the device of its inputs; the only host synchronisation is
-the one that sizes the output of :func:`build_trace_rows` (its row count depends on the step maps).
+Everything here is vectorised and runs on the device of its inputs; the only host synchronisations
+size the outputs (the row count of :func:`build_trace_rows` depends on the step maps; the other builders
+check once whether a row came out empty and must be dropped).
 
-Row layout used by both builders: one row per (response, level), ``[R', L1]`` tensors where L1 is the
-padded response length. ``noisy_ids`` is the noisy stream X (clean ids with the noise set replaced by
+Row layout used by every builder: one row per (response, level / round / draw), ``[R', L1]`` tensors where
+L1 is the padded response length. ``noisy_ids`` is the noisy stream X (clean ids with the noise set replaced by
 the mask id), ``loss_mask`` is the loss set M (noise set minus pads), ``response_index`` says which
 response a row belongs to (advantages stay attached to their responses through it).
 """
