@@ -194,6 +194,55 @@ def test_validation_messages():
         slim_ops.slim_loss_from_hidden(h, w, y, torch.zeros(4), mask, torch.zeros(2))
 
 
+def test_triton_masked_logprob_many_row_blocks():
+    """More row blocks than one group of the backward's program order (a partial last group), several
+    vocabulary tiles and forward splits, against fp64."""
+    from slim_ops.ops.masked_logprob.triton import BWD_GROUP, INTERPRET_TILES
+
+    N = (BWD_GROUP + 1) * INTERPRET_TILES[0] + 5
+    h, w, y, up = _inputs(N, 16, 300, torch.float32, seed=4)
+    got = _run("triton", h, w, y, up, 0.9)
+    exp = _fp64_reference(h, w, y, up, 0.9)
+    for name, a, e in zip(("logp", "entropy", "dhidden", "dweight"), got, exp, strict=True):
+        assert_close(a, e, name=f"triton {name}")
+
+
+def test_triton_programs_follow_the_device_sm_count(monkeypatch):
+    """The forward's program count comes from the device's SM count (not a fixed 132-SM H100)."""
+    import slim_ops.ops.masked_logprob.triton as mt
+
+    class Props:
+        multi_processor_count = 78
+
+    monkeypatch.setattr(mt, "triton_interpret", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    mt._sm_count.cache_clear()
+    try:
+        dev = torch.device("cuda", 0)
+        assert mt._target_programs(dev) == 2 * 78
+        assert mt._splits(128, 1187, dev) == 9  # sqrt(78) + 1 splits: in-flight programs share L2 both ways
+        assert mt._splits(4, 1187, dev) == 39  # few row blocks: enough splits for two waves
+        assert mt._splits(4, 20, dev) == 20  # never more splits than vocabulary tiles
+    finally:
+        mt._sm_count.cache_clear()
+
+
+def test_mm_f32_support_is_detected_once_and_errors_propagate(monkeypatch):
+    a = torch.randn(4, 8).bfloat16()
+    b = torch.randn(8, 3).bfloat16()
+    assert mlp_op.mm_out_dtype_supported("cpu") is False
+    out = mlp_op._mm_f32(a, b)
+    assert out.dtype == torch.float32
+    assert_close(out, a.double() @ b.double(), name="mm f32")
+    with pytest.raises(RuntimeError):
+        mlp_op._mm_f32(a, torch.randn(5, 3).bfloat16())  # a shape error is an error, not a fallback
+    assert_close(mlp_op._mm_f32(a, b), out, name="after an error")
+    # where the fp32-output GEMM is declared supported, its own failure reaches the caller
+    monkeypatch.setattr(mlp_op, "mm_out_dtype_supported", lambda device_type: True)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        mlp_op._mm_f32(a, b)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: real vocabularies, every backend against the reference (run by benchmarks/gpu_check.sh)
 # --------------------------------------------------------------------------------------------------
@@ -218,6 +267,16 @@ def test_gpu_masked_logprob_real_vocab(V):
                 assert_close(a, e, name=f"{backend} entropy")
             else:
                 assert_three_way(a, e, lo, name=f"{backend} {name} V={V}")
+
+
+@pytest.mark.gpu
+def test_gpu_mm_f32_uses_the_fp32_output_gemm():
+    assert mlp_op.mm_out_dtype_supported("cuda"), "this torch has no aten::mm.dtype CUDA kernel"
+    a = torch.randn(256, 512, device="cuda").bfloat16()
+    b = torch.randn(512, 128, device="cuda").bfloat16()
+    assert_close(mlp_op._mm_f32(a, b), a.double() @ b.double(), dtype=torch.bfloat16, name="mm f32")
+    with pytest.raises(RuntimeError):
+        mlp_op._mm_f32(a, b.t())
 
 
 @pytest.mark.gpu
@@ -246,9 +305,9 @@ def test_non_contiguous_inputs(backend):
     padded = torch.randn(N, V + 17, generator=g)
     logits = padded[:, :V]
     y = torch.randint(0, V, (N,), generator=g)
-    lg = logits.clone().requires_grad_()
+    lg = logits.detach().double().requires_grad_()
     lp = slim_ops.logprob_from_logits(logits.requires_grad_(), y, backend=backend)
-    lr = slim_ops.logprob_from_logits(lg, y, backend="torch")
+    lr = logprob_from_logits_ref(lg, y)[0]
     assert_close(lp, lr, name="strided logits")
     lp.sum().backward()
     lr.sum().backward()

@@ -10,6 +10,8 @@ bounded by one [rows, V-chunk] tile), ``triton`` (fused kernels) and, for ``logp
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from slim_ops._backend import pick
@@ -20,21 +22,28 @@ TORCH_TILE_ELEMS = 1 << 21
 TORCH_MAX_ROWS = 1024
 TORCH_TILE_ELEMS_CUDA = 1 << 25
 TORCH_MAX_ROWS_CUDA = 8192
-_MM_OUT_DTYPE = [True]  # torch.mm(..., out_dtype=fp32) for bf16/fp16 CUDA operands, when this torch has it
 
 
 # --------------------------------------------------------------------------------------------------
 # torch backend (chunked, recomputing)
 # --------------------------------------------------------------------------------------------------
+@functools.cache
+def mm_out_dtype_supported(device_type: str) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` (``aten::mm.dtype``) has a kernel for this device
+    type in this torch build; decided once, from the dispatcher's registrations, without running anything."""
+    key = {"cuda": "CUDA"}.get(device_type)
+    if key is None or not hasattr(torch.ops.aten.mm, "dtype"):
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(torch.ops.aten.mm.dtype.name(), key))
+
+
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation and an fp32 result, without upcasting a bf16/fp16 operand on CUDA."""
+    """a @ b with fp32 accumulation and an fp32 result, without upcasting a bf16/fp16 operand where torch has
+    an fp32-output GEMM for the device. Errors of the GEMM itself (shapes, out of memory) propagate."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return a @ b
-    if a.is_cuda and a.dtype == b.dtype and _MM_OUT_DTYPE[0]:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE[0] = False
+    if a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and mm_out_dtype_supported(a.device.type):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 

@@ -10,6 +10,9 @@ dz = g·(onehot − softmax)/T for that chunk only; dhidden += dz·W_c and dW_c 
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -44,9 +47,9 @@ def _logits_tile(h_ptr, w_ptr, N, V, D, row0, col0,
 def _masked_logprob_fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, D, v_split,
                                INV_T: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
                                ENTROPY: tl.constexpr, DOT_F32: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
+    i_s = tl.program_id(0)  # the split varies fastest: programs in flight share row blocks (L2)
+    i_n = tl.program_id(1)
+    n_split = tl.num_programs(0)
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = o_n < N
     b_y = tl.load(y_ptr + o_n, mask=m_n, other=-1)
@@ -82,9 +85,17 @@ def _masked_logprob_fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, D, v_split,
 @triton.jit
 def _masked_logprob_bwd_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, N, V, D, v_lo, v_cnt, s_dz,
                                INV_T: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr,
-                               DOT_F32: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_v = tl.program_id(1)
+                               DOT_F32: tl.constexpr, GROUP: tl.constexpr):
+    # grouped order: GROUP row blocks x every vocabulary tile of the chunk, so that the programs in flight
+    # share row blocks of hidden and tiles of weight in L2
+    pid = tl.program_id(0)
+    n_rb = tl.cdiv(N, BN)
+    n_vt = tl.cdiv(v_cnt, BV)
+    per_group = GROUP * n_vt
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_rb - first, GROUP)
+    i_n = first + (pid % per_group) % size
+    i_v = (pid % per_group) // size
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)
     m_n = o_n < N
     o_c = (i_v * BV + tl.arange(0, BV)).to(tl.int64)  # column inside the chunk
@@ -150,14 +161,43 @@ def _logprob_from_logits_bwd_kernel(g_ptr, z_ptr, y_ptr, lse_ptr, dz_ptr, V, s_z
 # --------------------------------------------------------------------------------------------------
 # (BN, BV, BD, num_warps, num_stages): GPU tiles for the fused LM-head kernels; the interpreter uses
 # the smallest legal tiles so that CPU tests stay fast.
-GPU_TILES = {torch.bfloat16: (64, 128, 64, 8, 3), torch.float16: (64, 128, 64, 8, 3),
+#
+# bf16/fp16: 128 x 128 tiles, BD = 64, 8 warps (two warpgroups, each wgmma m64n128k16), 4 cp.async
+# stages (128 KiB shared memory): per D step the tile reads (BN + BV)·BD·2 B for 2·BN·BV·BD FLOP, 64 FLOP/B
+# from shared memory/L2 (64 x 128: 43 FLOP/B, wgmma m64n64). The forward uses 255 registers, the backward
+# 208, without spilling at sm_90a; the 64 x 128 forward used 190: one 256-thread CTA per SM either way, so
+# the larger tile costs no occupancy. 128 x 256 (85 FLOP/B, m64n256) spills in both kernels; 256 x 128 spills in the backward
+# (tests/test_compile.py and the AOT report hold these numbers). From HBM, a [BN, D] row block is re-read
+# per vocabulary tile and a [D, BV] weight tile per row block; the program order (split or tile fastest,
+# grouped) makes the ~2·sqrt(#SM) programs in flight share both in L2.
+# The alternative, cuBLAS for a logits chunk plus a fused row kernel, writes and re-reads [N, Vc] fp32
+# logits (8 B per logit for 2·D FLOP: 1024 FLOP/B at D = 4096, ~20% on top of a 700 TFLOP/s GEMM at
+# 3.35 TB/s) and is what the torch backend does; the fused kernels write nothing of size [N, V]. Which is
+# faster on a GPU is for benchmarks/ to say; the compiled code of the fused kernels is as above.
+GPU_TILES = {torch.bfloat16: (128, 128, 64, 8, 4), torch.float16: (128, 128, 64, 8, 4),
              torch.float32: (64, 64, 32, 8, 2)}  # zero spills on sm_90a (tests/test_compile.py)
 INTERPRET_TILES = (32, 128, 32, 4, 1)
-
-
-def _target_programs() -> int:
-    return 2 if triton_interpret() else 264  # ~2 waves on a 132-SM H100
+BWD_GROUP = 8  # row blocks per group of the backward's program order
 BWD_CHUNK_ELEMS = 1 << 26  # dz chunk [N, Vc]: 128 MiB in bf16
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs for ~2 waves of one CTA per SM (the 255-register tiles fit once per SM)."""
+    if triton_interpret() or device.type != "cuda":
+        return 2
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _splits(n_rb: int, n_vt: int, device: torch.device) -> int:
+    """Vocabulary splits of the forward: enough programs for ~2 waves, and at least ~sqrt(#programs in
+    flight) splits so that those programs share both row blocks and weight tiles in L2."""
+    target = _target_programs(device)
+    return max(1, min(n_vt, max(triton.cdiv(target, n_rb), math.isqrt(target // 2) + 1)))
 
 
 def _tiles(dtype: torch.dtype):
@@ -177,11 +217,11 @@ def masked_logprob_fwd_triton(hidden, weight, labels, temperature: float, with_e
     BN, BV, BD, nw, ns = _tiles(hidden.dtype)
     n_rb = triton.cdiv(N, BN)
     n_vt = triton.cdiv(V, BV)
-    splits = max(1, min(n_vt, triton.cdiv(_target_programs(), n_rb)))
+    splits = _splits(n_rb, n_vt, hidden.device)
     v_split = triton.cdiv(n_vt, splits) * BV
     splits = triton.cdiv(V, v_split)  # every split holds at least one column
     part = torch.empty((4, splits, N), dtype=torch.float32, device=hidden.device)
-    _masked_logprob_fwd_kernel[(n_rb, splits)](hidden, weight, labels, part, N, V, D, v_split,
+    _masked_logprob_fwd_kernel[(splits, n_rb)](hidden, weight, labels, part, N, V, D, v_split,
                                                INV_T=1.0 / temperature, BN=BN, BV=BV, BD=BD,
                                                ENTROPY=with_entropy, DOT_F32=_dot_f32(hidden.dtype),
                                                num_warps=nw, num_stages=ns)
@@ -219,9 +259,9 @@ def masked_logprob_bwd_triton(grad_logp, hidden, weight, labels, lse, temperatur
     dz = torch.empty((N, vc), dtype=hidden.dtype, device=hidden.device)
     for v0 in range(0, V, vc):
         cnt = min(vc, V - v0)
-        _masked_logprob_bwd_kernel[(triton.cdiv(N, BN), triton.cdiv(cnt, BV))](
+        _masked_logprob_bwd_kernel[(triton.cdiv(N, BN) * triton.cdiv(cnt, BV),)](
             hidden, weight, labels, lse, grad_logp, dz, N, V, D, v0, cnt, dz.stride(0),
-            INV_T=1.0 / temperature, BN=BN, BV=BV, BD=BD, DOT_F32=_dot_f32(hidden.dtype),
+            INV_T=1.0 / temperature, BN=BN, BV=BV, BD=BD, DOT_F32=_dot_f32(hidden.dtype), GROUP=BWD_GROUP,
             num_warps=nw, num_stages=ns)
         dzc = dz[:, :cnt]
         wc = weight[v0:v0 + cnt]
@@ -275,7 +315,7 @@ def _aot_specs() -> list[AotSpec]:
                              label=f"{dt} entropy={ent}", ints={"V": _AOT_V, "D": _AOT_D, "v_split": 8 * BV}))
     for dt in ("bf16", "fp16", "fp32"):
         BN, BV, BD, nw, ns = GPU_TILES[tdt[dt]]
-        const = {"INV_T": 1.0, "BN": BN, "BV": BV, "BD": BD, "DOT_F32": dt == "fp32"}
+        const = {"INV_T": 1.0, "BN": BN, "BV": BV, "BD": BD, "DOT_F32": dt == "fp32", "GROUP": BWD_GROUP}
         specs.append(AotSpec(_masked_logprob_bwd_kernel,
                              {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "y_ptr": "*i64", "lse_ptr": "*fp32",
                               "g_ptr": "*fp32", "dz_ptr": f"*{dt}", "N": "i32", "V": "i32", "D": "i32",
