@@ -1,13 +1,23 @@
-"""Atomic training checkpoints: safetensors weights + optimizer + RNG states + step.
+"""Sharded, atomic training checkpoints (``torch.distributed.checkpoint``) and run folders.
 
-Layout: ``<dir>/step_00000012/`` holding ``model.safetensors``, ``optimizer.pt``, ``state.pt`` (RNG
-states, step, extra trainer state) and ``manifest.json`` (byte size and SHA-256 of each file).
+Layout of one checkpoint, ``<run>/checkpoints/step_00000012/``:
 
-Writing is atomic: everything goes into ``step_XXXXXXXX.tmp-<pid>``, each file is fsynced, the
-manifest is written last, the directory is renamed to its final name (``rename`` is atomic on POSIX)
-and the parent directory is fsynced. A checkpoint cut off at any point is therefore either a ``.tmp``
-directory (ignored) or — if the files were damaged afterwards — fails its manifest check and is
-skipped: :func:`latest_checkpoint` returns the newest *complete* one.
+* ``.metadata`` + ``__<rank>_0.distcp`` — the model weights and the optimizer state, written by
+  ``torch.distributed.checkpoint`` (DCP): every rank writes its own shard (FSDP2 shards, or one copy of
+  the replicated DDP / single-process tensors). Tensors only: nothing in them is unpickled on load.
+* ``rng_<rank>.pt`` — each rank's Python / torch / CUDA RNG states (plain tensors and tuples).
+* ``trainer.json`` — step, optimizer hyper-parameters, counters, world size, strategy, config.
+* ``manifest.json`` — written **last**, the commit marker: byte size and SHA-256 of every other file.
+
+Writing goes to ``step_XXXXXXXX.tmp``; after every rank has written (barrier), the files are hashed
+(split over ranks), rank 0 writes the manifest, fsyncs and renames the directory into place (atomic
+on POSIX). A directory without a matching manifest is never loaded; ``.tmp`` directories left by a
+killed run are removed when the next run starts (:func:`clean_stale`). Every ``torch.load`` here uses
+``weights_only=True``.
+
+Run folders never lose work (:func:`check_run_folder`): a new run refuses a folder that holds an earlier
+run unless ``resume`` or ``overwrite`` is asked for, and with ``overwrite`` the earlier run's files are
+removed (:func:`clear_run_files`) only once the new run has something of its own to write.
 """
 
 from __future__ import annotations
@@ -17,16 +27,30 @@ import json
 import os
 import random
 import shutil
+import warnings
 from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "rng_state",
-           "set_rng_state"]
+from slim_rl.errors import CheckpointError, RunFolderError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "latest_checkpoint", "list_checkpoints",
+           "verify_checkpoint", "clean_stale", "check_run_folder", "clear_run_files", "export_model",
+           "CheckpointError", "RunFolderError", "rng_state", "set_rng_state", "RUN_FILES"]
+
+# DCP warns that it assumes a single process when no process group is running: that is the intent here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 _PREFIX = "step_"
+_MANIFEST = "manifest.json"
+_TRAINER = "trainer.json"
+
+# what a run writes into its folder (the only names clear_run_files ever removes)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "accuracy_before.json", "config.yaml", "tb",
+             "reward_accuracy.png", "ewc_commits.png")
 
 
+# ----------------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
     """Python, torch CPU and CUDA RNG states (the global generators)."""
     st: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -42,6 +66,7 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+# ----------------------------------------------------------------------------------------------- files
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -71,99 +96,349 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage: store contiguous clones
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+def _files(d: str) -> list[str]:
+    return sorted(n for n in os.listdir(d) if os.path.isfile(os.path.join(d, n)) and n != _MANIFEST)
 
 
+def _gather(obj: Any, info) -> list[Any]:
+    from slim_rl import distributed as D
+
+    return D.all_gather_objects(obj, info) if info is not None else [obj]
+
+
+def _barrier(info) -> None:
+    if info is not None and info.active:
+        torch.distributed.barrier()
+
+
+def _single():
+    from slim_rl.distributed import DistInfo
+
+    return DistInfo()
+
+
+def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return get_model_state_dict(model), None
+    return get_state_dict(model, optimizer)
+
+
+def _tensors_only(tree: Any, where: str) -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _tensors_only(v, f"{where}.{k}")
+    elif not isinstance(tree, torch.Tensor):
+        raise TypeError(f"checkpoint: {where} is a {type(tree).__name__}, only tensors go into the shards")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def all_finite(model: torch.nn.Module, info=None) -> bool:
+    """Whether every parameter (this rank's shard) of ``model`` is finite, on every rank."""
+    from slim_rl import distributed as D
+
+    bad = any(not bool(torch.isfinite(_local(p.detach())).all()) for p in model.parameters())
+    return not D.any_true(bad, info or _single())
+
+
+# ----------------------------------------------------------------------------------------------- save
 def save_checkpoint(directory: str, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, *, extra: dict[str, Any] | None = None,
-                    keep: int = 0) -> str:
-    """Write checkpoint ``step`` atomically under ``directory``; returns its path.
+                    keep: int = 0, info=None) -> str:
+    """Write checkpoint ``step`` under ``directory`` (collective: every rank calls it); returns its path.
 
-    ``extra`` (picklable) is stored with the RNG states; ``keep > 0`` deletes all but the newest
-    ``keep`` complete checkpoints afterwards.
+    ``extra`` (JSON-serialisable) is stored in ``trainer.json``; ``keep > 0`` deletes all but the newest
+    ``keep`` complete checkpoints afterwards. Refuses (``CheckpointError``) weights that are not finite.
+    An optimizer without state yet (no step taken) is not stored.
     """
-    from safetensors.torch import save_file
+    import torch.distributed.checkpoint as dcp
 
-    os.makedirs(directory, exist_ok=True)
+    info = info or _single()
+    if not all_finite(model, info):
+        raise CheckpointError(f"refusing to checkpoint step {step}: the model has non-finite weights")
     final = os.path.join(directory, f"{_PREFIX}{step:08d}")
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    files = {"model.safetensors": None, "optimizer.pt": None, "state.pt": None}
-    save_file(_model_state(model), os.path.join(tmp, "model.safetensors"), metadata={"step": str(step)})
-    torch.save(optimizer.state_dict() if optimizer is not None else {}, os.path.join(tmp, "optimizer.pt"))
-    torch.save({"step": step, "rng": rng_state(), "extra": extra or {}}, os.path.join(tmp, "state.pt"))
-    manifest: dict[str, Any] = {"step": step, "files": {}}
-    for name in files:
-        p = os.path.join(tmp, name)
-        _fsync_file(p)
-        manifest["files"][name] = {"bytes": os.path.getsize(p), "sha256": _sha256(p)}
-    mpath = os.path.join(tmp, "manifest.json")
-    with open(mpath, "w") as f:
-        json.dump(manifest, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(directory)
-    if keep > 0:
-        for old in list_checkpoints(directory)[:-keep]:
+    tmp = f"{final}.tmp"
+    if info.is_main:
+        os.makedirs(directory, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier(info)
+    with_opt = optimizer is not None and len(optimizer.state) > 0
+    msd, osd = _state_dicts(model, optimizer if with_opt else None)
+    state: dict[str, Any] = {"model": msd}
+    groups: list[dict[str, Any]] = []
+    if with_opt:
+        state["optim"] = osd["state"]
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                  for g in osd["param_groups"]]
+    _tensors_only(state, "state")
+    dcp.save(state, checkpoint_id=tmp, no_dist=not info.active)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_{info.rank}.pt"))
+    if info.is_main:
+        meta = {"step": int(step), "world_size": info.world, "optimizer": with_opt, "param_groups": groups,
+                "extra": extra or {}}
+        with open(os.path.join(tmp, _TRAINER), "w") as f:
+            json.dump(meta, f)
+    _barrier(info)
+    # hash the files, split over ranks; rank 0 writes the manifest last and commits by renaming
+    names = _files(tmp)
+    mine = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": _sha256(os.path.join(tmp, n))}
+            for i, n in enumerate(names) if i % info.world == info.rank}
+    for n in mine:
+        _fsync_file(os.path.join(tmp, n))
+    parts = _gather(mine, info)
+    if info.is_main:
+        files = {k: v for p in parts for k, v in p.items()}
+        with open(os.path.join(tmp, _MANIFEST), "w") as f:
+            json.dump({"step": int(step), "world_size": info.world, "files": files}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(final):  # re-saving a step: swap in the new one, then drop the old
+            old = f"{final}.tmp-replaced"
             shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(directory)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        if keep > 0:
+            for stale in list_checkpoints(directory)[:-keep]:
+                shutil.rmtree(stale, ignore_errors=True)
+    _barrier(info)
     return final
 
 
-def _is_complete(path: str) -> bool:
-    mpath = os.path.join(path, "manifest.json")
+# ----------------------------------------------------------------------------------------------- find
+def _manifest(path: str) -> dict[str, Any] | None:
     try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-        for name, meta in manifest["files"].items():
-            p = os.path.join(path, name)
-            if os.path.getsize(p) != meta["bytes"] or _sha256(p) != meta["sha256"]:
-                return False
-        return True
-    except (OSError, ValueError, KeyError, TypeError):
+        with open(os.path.join(path, _MANIFEST)) as f:
+            m = json.load(f)
+        if not isinstance(m.get("files"), dict) or not m["files"]:
+            return None
+        return m
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _is_complete(path: str) -> bool:
+    """The commit marker is there and every file it lists has its recorded size (cheap check)."""
+    m = _manifest(path)
+    if m is None:
+        return False
+    try:
+        return all(os.path.getsize(os.path.join(path, n)) == meta["bytes"] for n, meta in m["files"].items())
+    except (OSError, KeyError, TypeError):
         return False
 
 
-def list_checkpoints(directory: str) -> list[str]:
-    """Complete checkpoints under ``directory``, oldest first (``.tmp`` and damaged ones excluded)."""
+def verify_checkpoint(path: str, info=None) -> bool:
+    """Full check: the manifest's sizes and SHA-256 hashes (files split over ranks); same answer on
+    every rank."""
+    from slim_rl import distributed as D
+
+    info = info or _single()
+    m = _manifest(path)
+    ok = m is not None
+    if ok:
+        for i, (n, meta) in enumerate(sorted(m["files"].items())):
+            if i % info.world != info.rank:
+                continue
+            p = os.path.join(path, n)
+            try:
+                if os.path.getsize(p) != meta["bytes"] or _sha256(p) != meta["sha256"]:
+                    ok = False
+            except (OSError, KeyError, TypeError):
+                ok = False
+    return not D.any_true(not ok, info)
+
+
+def _step_dirs(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         return []
-    names = sorted(n for n in os.listdir(directory)
-                   if n.startswith(_PREFIX) and n[len(_PREFIX):].isdigit())
-    return [os.path.join(directory, n) for n in names if _is_complete(os.path.join(directory, n))]
+    names = sorted(n for n in os.listdir(directory) if n.startswith(_PREFIX) and n[len(_PREFIX):].isdigit())
+    return [os.path.join(directory, n) for n in names]
+
+
+def list_checkpoints(directory: str) -> list[str]:
+    """Committed checkpoints under ``directory``, oldest first (``.tmp`` and incomplete ones excluded)."""
+    return [p for p in _step_dirs(directory) if _is_complete(p)]
 
 
 def latest_checkpoint(directory: str) -> str | None:
-    """The newest complete checkpoint under ``directory``, or None."""
+    """The newest committed checkpoint under ``directory``, or None."""
     cks = list_checkpoints(directory)
     return cks[-1] if cks else None
 
 
+def checkpoint_step(path: str) -> int:
+    return int(os.path.basename(os.path.normpath(path))[len(_PREFIX):])
+
+
+def clean_stale(directory: str) -> list[str]:
+    """Remove ``step_*.tmp*`` directories left by a killed run; returns what was removed."""
+    gone = []
+    if os.path.isdir(directory):
+        for n in sorted(os.listdir(directory)):
+            if n.startswith(_PREFIX) and ".tmp" in n:
+                shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+                gone.append(n)
+    return gone
+
+
+# ----------------------------------------------------------------------------------------------- load
+def _safe_planner():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class _TensorsOnlyPlanner(DefaultLoadPlanner):
+        """Our shards hold tensors only; should a crafted one carry pickled bytes, they are read with
+        ``weights_only=True`` (DCP's default planner unpickles them without restriction)."""
+
+        def load_bytes(self, read_item, value) -> None:  # pragma: no cover - our checkpoints have none
+            raise CheckpointError(f"checkpoint holds a pickled object at {read_item.dest_index.fqn!r}; "
+                                  "only tensors are expected")
+
+    return _TensorsOnlyPlanner()
+
+
+def _check_shapes(path: str, state: dict[str, Any]) -> None:
+    """Every tensor the model needs is in the checkpoint with the same shape (clear error otherwise)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        md = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - unreadable metadata = a damaged checkpoint
+        raise CheckpointError(f"checkpoint {path!r} has unreadable metadata ({e})") from None
+    for k, t in state["model"].items():
+        fqn = f"model.{k}"
+        if fqn not in md:
+            raise CheckpointError(f"checkpoint {path!r} does not match the model: it has no {k!r}")
+        meta = md[fqn]
+        shape = tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else None
+        if shape != tuple(t.shape):
+            raise CheckpointError(f"checkpoint {path!r} does not match the model: {k} is {list(shape or ())} "
+                                  f"there, {list(t.shape)} here (another vocabulary or model size?)")
+    if "optim" in state and not any(k.startswith("optim.") for k in md):
+        raise CheckpointError(f"checkpoint {path!r} holds no optimizer state")
+
+
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                    restore_rng: bool = True) -> dict[str, Any]:
-    """Load weights (+ optimizer, + RNG states) from a checkpoint; returns ``{"step", "extra"}``.
+                    restore_rng: bool = True, info=None, verify: bool = True) -> dict[str, Any]:
+    """Load weights (+ optimizer, + this rank's RNG states) from a checkpoint (collective); returns
+    ``{"step", "extra"}``. Raises ``CheckpointError`` when it is incomplete, damaged, written by another
+    number of processes (optimizer / RNG), or does not match the model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    Raises ``ValueError`` if the checkpoint is incomplete or damaged.
-    """
-    from safetensors.torch import load_file
-
-    if not _is_complete(path):
-        raise ValueError(f"checkpoint {path!r} is incomplete or damaged (manifest check failed)")
-    state = load_file(os.path.join(path, "model.safetensors"))
-    device = next(model.parameters()).device
-    missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path!r} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=False))
-    st = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    info = info or _single()
+    if not _is_complete(path) or (verify and not verify_checkpoint(path, info)):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete or damaged (manifest check failed)")
+    with open(os.path.join(path, _TRAINER)) as f:
+        meta = json.load(f)
+    with_opt = optimizer is not None and bool(meta.get("optimizer"))
+    if optimizer is not None and with_opt and int(meta.get("world_size", 1)) != info.world:
+        raise CheckpointError(f"checkpoint {path!r} was written by {meta.get('world_size')} processes; resume "
+                              f"it with the same number (this run has {info.world})")
+    msd, osd = _state_dicts(model, optimizer if with_opt else None)
+    state: dict[str, Any] = {"model": msd}
+    if with_opt:
+        state["optim"] = osd["state"]
+    _check_shapes(path, state)
+    dcp.load(state, checkpoint_id=path, planner=_safe_planner(), no_dist=not info.active)
+    if with_opt:
+        saved = meta.get("param_groups") or []
+        for g, s in zip(osd["param_groups"], saved):
+            for k, v in s.items():
+                if k != "params":
+                    g[k] = tuple(v) if k == "betas" else v
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+    else:
+        set_model_state_dict(model, msd)
+        if optimizer is not None:
+            optimizer.state.clear()
     if restore_rng:
-        set_rng_state(st["rng"])
-    return {"step": int(st["step"]), "extra": st.get("extra", {})}
+        rng = os.path.join(path, f"rng_{info.rank}.pt")
+        if os.path.exists(rng):
+            set_rng_state(torch.load(rng, weights_only=True))
+    return {"step": int(meta["step"]), "extra": meta.get("extra", {})}
+
+
+def load_weights(path: str, model: torch.nn.Module, info=None) -> int:
+    """Only the model weights of a checkpoint (any world size); returns its step."""
+    return load_checkpoint(path, model, None, restore_rng=False, info=info)["step"]
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def _earlier_run(out_dir: str) -> list[str]:
+    found = []
+    ck = os.path.join(out_dir, "checkpoints")
+    if _step_dirs(ck):
+        found.append(os.path.join(ck, os.path.basename(_step_dirs(ck)[-1])))
+    for n in ("metrics.jsonl", "summary.json"):
+        if os.path.exists(os.path.join(out_dir, n)):
+            found.append(os.path.join(out_dir, n))
+    return found
+
+
+def check_run_folder(out_dir: str, *, resume: bool = False, overwrite: bool = False) -> str | None:
+    """Decide whether a run may start in ``out_dir`` (touches nothing). Returns the checkpoint to resume
+    from (``resume``), else None. Raises :class:`RunFolderError`:
+
+    * ``resume`` and ``overwrite`` together;
+    * a new run (neither flag) into a folder holding an earlier run's checkpoints or metrics;
+    * ``resume`` without a committed checkpoint to resume.
+    """
+    if resume and overwrite:
+        raise RunFolderError("--resume and --overwrite exclude each other")
+    if resume:
+        ck = os.path.join(out_dir, "checkpoints")
+        path = latest_checkpoint(ck)
+        if path is None:
+            broken = [os.path.basename(p) for p in _step_dirs(ck)]
+            extra = f" (only incomplete or damaged: {', '.join(broken)})" if broken else ""
+            raise RunFolderError(f"--resume: no checkpoint to resume in {ck}{extra}")
+        return path
+    if not overwrite:
+        found = _earlier_run(out_dir)
+        if found:
+            raise RunFolderError(f"{out_dir} holds an earlier run ({', '.join(found)}); pass --resume to "
+                                 "continue it or --overwrite to replace it, or choose another --out")
+    return None
+
+
+def clear_run_files(out_dir: str) -> None:
+    """Remove an earlier run's files (only the names in :data:`RUN_FILES`)."""
+    for n in RUN_FILES:
+        p = os.path.join(out_dir, n)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+
+# ----------------------------------------------------------------------------------------------- export
+def export_model(model: torch.nn.Module, to: str, *, tokenizer: str | None = None) -> str:
+    """Write ``model`` (a loaded, unsharded HF model) to ``to`` as one Hugging Face folder
+    (``config.json`` + ``model.safetensors``, the special ids in the config), atomically."""
+    if os.path.exists(to) and (not os.path.isdir(to) or os.listdir(to)):
+        raise RunFolderError(f"export: {to} already exists and is not empty")
+    tmp = f"{os.path.normpath(to)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer, local_files_only=True).save_pretrained(tmp)
+    for n in os.listdir(tmp):
+        _fsync_file(os.path.join(tmp, n))
+    if os.path.isdir(to):
+        os.rmdir(to)
+    os.rename(tmp, to)
+    _fsync_dir(os.path.dirname(os.path.abspath(to)))
+    return to

@@ -1,8 +1,12 @@
-"""`slim-rl` command line: demo, train, eval, compare (and the decode-step demo).
+"""`slim-rl` command line: demo, train, eval, export, compare, config (and the decode-step demo).
 
 Every command takes ``--config FILE`` (YAML, see ``configs/``) and trailing ``section.key=value``
 overrides, e.g. ``slim-rl train --config configs/demo.yaml optim.lr=3e-4 train.steps=60``.
 Multi-process: ``torchrun --nproc_per_node=2 -m slim_rl train --config ...``.
+
+The whole configuration is validated before anything is built or written. User mistakes (a bad value,
+a missing file, a run folder that holds an earlier run, a checkpoint that does not fit) print one line
+``slim-rl: error: ...`` and exit with code 2; a run that cannot go on (e.g. diverged) exits with 1.
 """
 
 from __future__ import annotations
@@ -13,66 +17,150 @@ import os
 import shlex
 import sys
 
+from slim_rl.errors import TrainingError, UserError
 
-def _common(p: argparse.ArgumentParser) -> None:
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``slim-rl: error: ...``, exit code 2)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        _fail(f"{message} (see {self.prog} --help)", 2)
+
+
+def _fail(message: str, code: int):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one line, from rank 0
+        print(f"slim-rl: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _common(p: argparse.ArgumentParser, out_help: str = "run folder (overrides train.out_dir)") -> None:
     p.add_argument("--config", default=None, help="YAML config (defaults: the demo settings)")
-    p.add_argument("--out", default=None, help="run folder (overrides train.out_dir)")
+    p.add_argument("--out", default=None, help=out_help)
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
 
-def _load(args) -> object:
-    from slim_rl.config import load_config
+def _load(args, *, run_config: bool = False):
+    """The validated config (+ file checks). ``run_config``: without ``--config``, a run folder's own
+    ``config.yaml`` is the base (eval / export of a run need no repeated overrides)."""
+    from slim_rl.config import check_files, load_config
 
     ov = list(args.overrides)
     if args.out and args.cmd != "compare":  # compare: --out is the results folder, runs stay in train.out_dir
         ov.append(f"train.out_dir={args.out}")
-    return load_config(args.config, ov)
+    path = args.config
+    if path is None and run_config:
+        base = load_config(None, ov)
+        own = os.path.join(base.train.out_dir, "config.yaml")
+        if os.path.isfile(own):
+            path = own
+    cfg = load_config(path, ov)
+    if args.cmd != "config":
+        check_files(cfg)
+    return cfg
+
+
+def _checkpoint_of(args, cfg) -> str | None:
+    """The checkpoint eval / export read: ``--checkpoint``, else the run folder's newest committed one."""
+    from slim_rl.checkpoint import latest_checkpoint
+    from slim_rl.errors import RunFolderError
+
+    if args.checkpoint:
+        if not os.path.isdir(args.checkpoint):
+            raise RunFolderError(f"--checkpoint {args.checkpoint} does not exist")
+        return args.checkpoint
+    if getattr(args, "no_checkpoint", False):
+        return None
+    run = cfg.train.out_dir
+    if not os.path.isdir(run):
+        raise RunFolderError(f"{args.cmd}: the run folder {run} does not exist (pass --out RUN_FOLDER)")
+    path = latest_checkpoint(os.path.join(run, "checkpoints"))
+    if path is None:
+        hint = " or --no-checkpoint to evaluate the configured model" if args.cmd == "eval" else ""
+        raise RunFolderError(f"{args.cmd}: {run} holds no committed checkpoint (pass --checkpoint DIR{hint})")
+    return path
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="slim-rl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    for name, text in (("demo", "SFT + SLIM-RL on the embedded addition task (the `make demo` job)"),
+                       ("train", "train with a config (SFT stage when sft.steps > 0, then RL)")):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+        g.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run in the folder (its files go once this run has a result)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars; print the summary as JSON")
+    p = sub.add_parser("eval", help="greedy held-out accuracy of a run's last checkpoint")
+    _common(p)
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the run's latest)")
+    p.add_argument("--no-checkpoint", action="store_true", help="evaluate the configured model itself")
+    p = sub.add_parser("export", help="a checkpoint as one Hugging Face folder (config.json + safetensors)")
+    _common(p)
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the run's latest)")
+    p.add_argument("--to", required=True, help="new folder to write (must not exist or be empty)")
+    p = sub.add_parser("compare", help="slim vs tracerl with the same rollout budget -> JSON + plots")
+    _common(p, "results folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("config", help="every config key with its default (or resolved value) and meaning")
+    _common(p)
+    sub.add_parser("demo-decode", help="the decode-step demo (one τ-budget step on random logits)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="slim-rl", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("demo", help="SFT + SLIM-RL on the embedded addition task (the `make demo` job)")
-    _common(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p = sub.add_parser("train", help="train with a config (SFT stage when sft.steps > 0, then RL)")
-    _common(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--quiet", action="store_true")
-    p = sub.add_parser("eval", help="greedy held-out accuracy of a checkpoint (or the config's model)")
-    _common(p)
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the run's latest)")
-    p = sub.add_parser("compare", help="slim vs tracerl with the same rollout budget -> JSON + plots")
-    _common(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--quiet", action="store_true")
-    sub.add_parser("demo-decode", help="the decode-step demo (one τ-budget step on random logits)")
-    args = parser.parse_args(argv)
+    try:
+        _main(argv)
+    except UserError as e:
+        _fail(str(e), 2)
+    except TrainingError as e:
+        _fail(str(e), 1)
 
+
+def _main(argv: list[str] | None) -> None:
+    args = _build_parser().parse_args(argv)
     if args.cmd == "demo-decode":
         from slim_rl.demo_decode import main as demo_main
 
         demo_main()
         return
-    cfg = _load(args)
+    if args.cmd == "config":
+        from slim_rl.config import describe
+
+        given = args.config is not None or args.overrides or args.out
+        print(describe(_load(args) if given else None))
+        return
+    cfg = _load(args, run_config=args.cmd in ("eval", "export"))
     if args.cmd in ("demo", "train"):
         from slim_rl.demo import run_demo
 
-        summary = run_demo(cfg, resume=args.resume, progress=not args.quiet)
-        if args.quiet:
+        summary = run_demo(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+        if args.quiet and os.environ.get("RANK", "0") == "0":
             print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
     elif args.cmd == "eval":
-        from slim_rl.checkpoint import latest_checkpoint, load_checkpoint
+        from slim_rl.checkpoint import load_weights
         from slim_rl.trainer import Trainer
 
+        path = _checkpoint_of(args, cfg)
         tr = Trainer(cfg)
-        path = args.checkpoint or latest_checkpoint(tr.ckpt_dir)
         if path:
-            load_checkpoint(path, tr.model, None, restore_rng=False)
+            load_weights(path, tr.model, info=tr.info)
         res = tr.evaluate()
         res["checkpoint"] = path
-        print(json.dumps(res, indent=2))
+        if tr.info.is_main:
+            print(json.dumps(res, indent=2))
+    elif args.cmd == "export":
+        from slim_rl.checkpoint import export_model, load_weights
+        from slim_rl.trainer import build_model
+
+        path = _checkpoint_of(args, cfg)
+        model = build_model(cfg, "cpu")
+        step = load_weights(path, model)
+        export_model(model, args.to, tokenizer=cfg.task.tokenizer or None)
+        print(f"wrote {args.to} (step {step} of {path}); load it with slim_rl.models.load({args.to!r}, "
+              f"{cfg.model.family!r}) or transformers.AutoModelForCausalLM.from_pretrained")
     elif args.cmd == "compare":
         from slim_rl.compare import run_compare
 

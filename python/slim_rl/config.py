@@ -1,15 +1,25 @@
 """The trainer configuration: a dataclass tree (its defaults are the embedded demo's settings),
-loaded from YAML, with ``section.key=value`` overrides.
+loaded from YAML, with ``section.key=value`` overrides, validated as a whole when it is loaded.
 
     cfg = load_config("configs/demo.yaml", ["optim.lr=3e-4", "train.steps=40"])
 
-Unknown sections / keys are errors (with the list of valid names), values are parsed as YAML scalars
-and checked against the field's type.
+Every key is declared once, with :func:`key`: its default, a one-line meaning and its allowed values
+(``choices``, or a range ``ge``/``gt``/``le``/``lt``). That one declaration drives the type and range
+checks of :meth:`Config.validate`, and ``slim-rl config`` (:func:`describe`), which prints every key with
+its default and meaning. Rules that tie several keys together live in :func:`_cross_checks`; checks that
+look at the file system (a checkpoint's vocabulary against the task, data files) in :func:`check_files`.
+To add a key, add one ``key(...)`` line to its section (and, if it depends on other keys, one rule).
+
+Every problem is a :class:`ConfigError` (a ``ValueError``) whose message names the key, the value and
+what is expected; the CLI prints it as one line (``slim-rl: error: ...``, exit code 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,127 +27,175 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Config", "load_config", "apply_overrides", "to_dict", "from_dict"]
+from slim_rl.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "to_dict", "from_dict", "save_config",
+           "check_files", "describe", "key"]
+
+def key(default: Any, doc: str, *, choices: tuple | None = None, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """Declare a config key: default, meaning, and allowed values (floats must also be finite)."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le,
+                                            "lt": lt})
 
 
 @dataclass
 class ModelConfig:
-    family: str = "sdar"            # sdar | llada | dream
-    path: str = ""                  # local checkpoint directory; empty = a tiny random model
-    vocab_size: int = 16
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 0      # 0 = 2·hidden
-    seed: int = 0
-    dtype: str = "float32"          # float32 | bfloat16
-    attention: str = "dense"        # dense: 4D mask + SDPA | slim: slim_ops block-diffusion attention (no N×N)
+    family: str = key("sdar", "model family (decoding attention, logit shift)", choices=("sdar", "llada", "dream"))
+    path: str = key("", "local checkpoint directory (config.json + weights); empty = a tiny random model")
+    vocab_size: int = key(16, "vocabulary of the tiny random model (the addition task needs 16)", ge=4)
+    hidden_size: int = key(128, "tiny model: hidden size", ge=2)
+    num_layers: int = key(2, "tiny model: decoder layers", ge=1)
+    num_heads: int = key(4, "tiny model: attention heads", ge=1)
+    num_kv_heads: int = key(2, "tiny model: key/value heads (divides num_heads)", ge=1)
+    intermediate_size: int = key(0, "tiny model: MLP width (0 = 2 x hidden_size)", ge=0)
+    seed: int = key(0, "tiny model: weight seed", ge=0)
+    dtype: str = key("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
+    attention: str = key("dense", "dense: 4D mask + SDPA; slim: slim_ops block-diffusion attention (no NxN mask)",
+                         choices=("dense", "slim"))
 
 
 @dataclass
 class TaskConfig:
-    name: str = "addition"          # addition | jsonl
-    digits: int = 2
-    demo_error: float = 0.6
-    num_eval: int = 200
-    seed: int = 0
-    path: str = ""                  # jsonl: data file
-    tokenizer: str = ""             # jsonl: local tokenizer directory
-    reward: str = "math"            # jsonl: math | code
+    name: str = key("addition", "task: the embedded addition task or a JSONL file", choices=("addition", "jsonl"))
+    digits: int = key(2, "addition: digits per operand", ge=1, le=4)
+    demo_error: float = key(0.6, "addition: how often the SFT demonstrator forgets a carry", ge=0.0, le=1.0)
+    num_eval: int = key(200, "held-out prompts (never trained on)", ge=1)
+    seed: int = key(0, "seed of the held-out split", ge=0)
+    path: str = key("", "jsonl: data file, one {prompt, answer | tests} object per line")
+    tokenizer: str = key("", "jsonl: local tokenizer directory")
+    reward: str = key("math", "jsonl: math (answer equivalence) or code (tests in the sandbox)",
+                      choices=("math", "code"))
 
 
 @dataclass
 class RolloutConfig:
-    block_size: int = 2             # K
-    steps_per_block: int = 0        # S (0 = K)
-    max_new_tokens: int = 6
-    strategy: str = "tau_budget"
-    tau: float = 0.9
-    m: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    group_size: int = 8             # G rollouts per prompt
-    prompts_per_step: int = 16      # Q prompts per RL step (global, over all ranks)
-    truncation_margin: int = -1     # r = 0 when len >= max_new_tokens - margin; -1: only "no EOS" counts
-    batch_size: int = 0             # decode at most this many rows at once (0 = all)
+    block_size: int = key(2, "K: tokens per block", ge=1, le=64)
+    steps_per_block: int = key(0, "S: decode steps per block (0 = K)", ge=0)
+    max_new_tokens: int = key(6, "response length budget", ge=1)
+    strategy: str = key("tau_budget", "decode commit rule", choices=("tau_budget", "threshold", "topk"))
+    tau: float = key(0.9, "confidence threshold of the tau-budget rule", gt=0.0, lt=1.0)
+    m: float = key(1.0, "tau-budget: commit budget multiplier (0 = floor)", ge=0.0)
+    temperature: float = key(1.0, "sampling temperature of RL rollouts (0 = greedy)", ge=0.0)
+    top_k: int = key(0, "top-k sampling (0 = off)", ge=0)
+    top_p: float = key(1.0, "nucleus sampling (1 = off)", gt=0.0, le=1.0)
+    group_size: int = key(8, "G: rollouts per prompt", ge=1)
+    prompts_per_step: int = key(16, "Q: prompts per RL step (global, over all ranks)", ge=1)
+    truncation_margin: int = key(-1, "reward 0 when len >= max_new_tokens - margin (-1: only 'no EOS' counts)",
+                                 ge=-1)
+    batch_size: int = key(0, "decode at most this many rows at once (0 = all)", ge=0)
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "slim"              # slim | tracerl
-    num_nodes: int = 3
-    spread: float = 0.2
-    shape: str = "cosine"
-    decreasing: bool = True
-    schedule_blocks: str = "response"
-    shared_clean: bool = True       # slim: one clean stream + n_q noisy streams per response (SPEC §3.4)
-    shrink: int = 1                 # tracerl
-    level: str = "sequence"         # slim ratio level: sequence | block | token (tracerl: token)
-    clip_low: float = 0.1
-    clip_high: float = 0.1
-    clip_token: float = 0.2
-    kl_coef: float = 0.01
-    kl_estimator: str = "k3"
+    name: str = key("slim", "objective: SLIM-RL or the TraceRL baseline", choices=("slim", "tracerl"))
+    num_nodes: int = key(3, "slim: quadrature nodes n_q (training rows per response)", ge=1, le=64)
+    spread: float = key(0.2, "slim: sigma, spread of the per-block mask schedule", ge=0.0)
+    shape: str = key("cosine", "slim: shape of the per-block mask schedule", choices=("cosine", "linear"))
+    decreasing: bool = key(True, "slim: later blocks get more masking")
+    schedule_blocks: str = key("response", "slim: blocks the schedule spans", choices=("response", "padded"))
+    shared_clean: bool = key(True, "slim: one clean stream + n_q noisy streams per response")
+    shrink: int = key(1, "tracerl: decode steps merged per row", ge=1)
+    level: str = key("sequence", "slim ratio level (tracerl always uses token)",
+                     choices=("sequence", "block", "token"))
+    clip_low: float = key(0.1, "epsilon_lo of the sequence/block ratio clip", ge=0.0, lt=1.0)
+    clip_high: float = key(0.1, "epsilon_hi of the sequence/block ratio clip", ge=0.0)
+    clip_token: float = key(0.2, "epsilon of the token ratio clip", ge=0.0, lt=1.0)
+    kl_coef: float = key(0.01, "beta: weight of the KL penalty to the step's starting policy", ge=0.0)
+    kl_estimator: str = key("k3", "KL estimator", choices=("k1", "k2", "k3"))
 
 
 @dataclass
 class AdvantageConfig:
-    kind: str = "dr_grpo"           # dr_grpo | zscore
-    filter_groups: bool = True
-    filter_low: float = 0.2         # drop groups with accuracy < low
-    filter_high: float = 0.8        # ... or > high
+    kind: str = key("dr_grpo", "advantage: reward minus group mean (dr_grpo) or z-score", choices=("dr_grpo", "zscore"))
+    filter_groups: bool = key(True, "drop prompt groups whose accuracy is outside [filter_low, filter_high]")
+    filter_low: float = key(0.2, "drop groups with accuracy < low", ge=0.0, le=1.0)
+    filter_high: float = key(0.8, "drop groups with accuracy > high", ge=0.0, le=1.0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    epochs: int = 1                 # E passes over the step's rows
-    minibatches: int = 1            # optimizer steps per epoch
-    micro_batch_rows: int = 512     # rows per forward (gradient accumulation)
-    warmup_steps: int = 0
-    schedule: str = "constant"      # constant | cosine (over train.steps)
+    lr: float = key(1e-4, "AdamW learning rate of RL", gt=0.0)
+    weight_decay: float = key(0.0, "AdamW weight decay", ge=0.0)
+    beta1: float = key(0.9, "AdamW beta1", ge=0.0, lt=1.0)
+    beta2: float = key(0.999, "AdamW beta2", ge=0.0, lt=1.0)
+    eps: float = key(1e-8, "AdamW epsilon", gt=0.0)
+    grad_clip: float = key(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0.0)
+    epochs: int = key(1, "E: passes over each step's rows", ge=1)
+    minibatches: int = key(1, "optimizer steps per epoch", ge=1)
+    micro_batch_rows: int = key(512, "rows per forward (gradient accumulation)", ge=1)
+    warmup_steps: int = key(0, "linear LR warm-up, in optimizer steps", ge=0)
+    schedule: str = key("constant", "LR schedule over train.steps", choices=("constant", "cosine"))
 
 
 @dataclass
 class SFTConfig:
-    steps: int = 600                # 0 = no SFT stage
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
+    steps: int = key(600, "masked-diffusion SFT steps before RL (0 = no SFT stage)", ge=0)
+    batch_size: int = key(128, "demonstrations per SFT step (global)", ge=1)
+    lr: float = key(2e-3, "SFT peak learning rate (cosine decay)", gt=0.0)
+    warmup_steps: int = key(50, "SFT linear warm-up steps", ge=0)
+    weight_decay: float = key(0.0, "SFT weight decay", ge=0.0)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 10                 # RL steps between greedy evaluations (0 = only before/after)
-    num_prompts: int = 0            # 0 = the task's whole held-out set
+    every: int = key(10, "RL steps between greedy evaluations (0 = only before/after)", ge=0)
+    num_prompts: int = key(0, "held-out prompts per evaluation (0 = all)", ge=0)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 30
-    seed: int = 0
-    out_dir: str = "runs/demo"
-    checkpoint_every: int = 10      # 0 = never
-    keep_checkpoints: int = 2
-    tensorboard: bool = True
-    progress: bool = True
-    threads: int = 1                # torch intra-op threads (0 = leave as is; 1 suits the tiny demo model)
-    time_limit_s: float = 300.0     # stop RL early after this many seconds (0 = no limit)
-    stop_after: int = 0             # testing: exit abruptly after this many steps (0 = off)
+    steps: int = key(30, "RL steps", ge=0)
+    seed: int = key(0, "seed of every random choice (each step's generators are seeded by (seed, step))", ge=0)
+    out_dir: str = key("runs/demo", "run folder: config, metrics, checkpoints, summary, plots")
+    checkpoint_every: int = key(10, "RL steps between checkpoints (0 = only the final one)", ge=0)
+    keep_checkpoints: int = key(2, "newest checkpoints kept (0 = all)", ge=0)
+    max_skipped_updates: int = key(3, "stop after this many consecutive updates skipped for a non-finite loss "
+                                      "or gradient norm", ge=1)
+    tensorboard: bool = key(True, "also write TensorBoard scalars (when installed)")
+    progress: bool = key(True, "progress bars")
+    threads: int = key(1, "torch intra-op threads (0 = leave as is)", ge=0)
+    time_limit_s: float = key(300.0, "stop RL early after this many seconds (0 = no limit)", ge=0.0)
 
 
 @dataclass
 class DistConfig:
-    strategy: str = "ddp"           # ddp | fsdp (FSDP2 fully_shard, for models that do not fit one device)
-    backend: str = "auto"           # auto | gloo | nccl
+    strategy: str = key("ddp", "multi-process layout: DistributedDataParallel or FSDP2 fully_shard",
+                        choices=("ddp", "fsdp"))
+    backend: str = key("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)",
+                       choices=("auto", "gloo", "nccl"))
+
+
+def _cross_checks(c: Config) -> list[str]:
+    """Rules that tie keys together; returns the problems found."""
+    bad: list[str] = []
+    m = c.model
+    if not m.path and m.num_heads % m.num_kv_heads:
+        bad.append(f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")
+    if not m.path and (m.hidden_size % m.num_heads or (m.hidden_size // m.num_heads) % 2):
+        bad.append(f"model.hidden_size ({m.hidden_size}) / model.num_heads ({m.num_heads}) must be an even "
+                   "integer (the rotary head dimension)")
+    if c.task.name == "addition":
+        if not m.path and m.vocab_size != 16:
+            bad.append(f"model.vocab_size must be 16 for task.name=addition (its vocabulary), got {m.vocab_size}")
+        n = 10 ** c.task.digits
+        if c.task.num_eval >= n * n // 2:
+            bad.append(f"task.num_eval must be < {n * n // 2} for {c.task.digits}-digit addition, "
+                       f"got {c.task.num_eval}")
+    else:
+        for k in ("path", "tokenizer"):
+            if not getattr(c.task, k):
+                bad.append(f"task.{k} must be set for task.name=jsonl")
+    r = c.rollout
+    if r.steps_per_block > r.block_size:
+        bad.append(f"rollout.steps_per_block ({r.steps_per_block}) must be <= rollout.block_size ({r.block_size})")
+    if r.truncation_margin >= r.max_new_tokens:
+        bad.append(f"rollout.truncation_margin ({r.truncation_margin}) must be < rollout.max_new_tokens "
+                   f"({r.max_new_tokens})")
+    a = c.advantage
+    if a.filter_low > a.filter_high:
+        bad.append(f"advantage.filter_low ({a.filter_low}) must be <= advantage.filter_high ({a.filter_high})")
+    return bad
 
 
 @dataclass
@@ -154,34 +212,48 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self) -> Config:
-        """Check values that would otherwise fail deep inside the loop; returns self."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"config: {msg}")
-
-        need(self.model.family in ("sdar", "llada", "dream"), f"model.family must be sdar|llada|dream, "
-             f"got {self.model.family!r}")
-        need(self.objective.name in ("slim", "tracerl"), f"objective.name must be slim|tracerl, "
-             f"got {self.objective.name!r}")
-        need(self.objective.level in ("sequence", "block", "token"), "objective.level must be "
-             f"sequence|block|token, got {self.objective.level!r}")
-        need(self.advantage.kind in ("dr_grpo", "zscore"), f"advantage.kind must be dr_grpo|zscore, "
-             f"got {self.advantage.kind!r}")
-        need(self.rollout.group_size >= 1 and self.rollout.prompts_per_step >= 1,
-             "rollout.group_size and rollout.prompts_per_step must be >= 1")
-        need(self.rollout.block_size >= 1 and self.rollout.max_new_tokens >= 1,
-             "rollout.block_size and rollout.max_new_tokens must be >= 1")
-        need(self.optim.epochs >= 1 and self.optim.minibatches >= 1 and self.optim.micro_batch_rows >= 1,
-             "optim.epochs, optim.minibatches and optim.micro_batch_rows must be >= 1")
-        need(self.optim.schedule in ("constant", "cosine"), f"optim.schedule must be constant|cosine, "
-             f"got {self.optim.schedule!r}")
-        need(self.dist.strategy in ("ddp", "fsdp"),
-             f"dist.strategy must be ddp|fsdp, got {self.dist.strategy!r}")
-        need(self.model.attention in ("dense", "slim"), f"model.attention must be dense|slim, "
-             f"got {self.model.attention!r}")
-        need(self.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32|bfloat16|"
-             f"float16, got {self.model.dtype!r}")
+        """Check every key's type and range and the cross-key rules; returns self or raises
+        :class:`ConfigError` listing the first problem (``and N more`` when there are several)."""
+        bad: list[str] = []
+        for sec in dataclasses.fields(self):
+            section = getattr(self, sec.name)
+            for f in dataclasses.fields(section):
+                msg = _check_value(f"{sec.name}.{f.name}", getattr(section, f.name), f)
+                if msg:
+                    bad.append(msg)
+        if not bad:
+            bad = _cross_checks(self)
+        if bad:
+            more = f" (and {len(bad) - 1} more: {'; '.join(bad[1:])})" if len(bad) > 1 else ""
+            raise ConfigError(f"config: {bad[0]}{more}")
         return self
+
+
+_TYPES = {int: "an int", float: "a number", str: "a string", bool: "true/false"}
+
+
+def _range_text(meta: dict) -> str:
+    parts = []
+    for k, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if meta.get(k) is not None:
+            parts.append(f"{sym} {meta[k]}")
+    return " and ".join(parts)
+
+
+def _check_value(name: str, v: Any, f: dataclasses.Field) -> str | None:
+    meta = f.metadata
+    choices = meta.get("choices")
+    if choices is not None and v not in choices:
+        return f"{name} must be one of {'|'.join(map(str, choices))}, got {v!r}"
+    if isinstance(v, float) and not math.isfinite(v):
+        return f"{name} must be a finite number, got {v!r}"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        for k, ok in (("gt", lambda a, b: a > b), ("ge", lambda a, b: a >= b), ("lt", lambda a, b: a < b),
+                      ("le", lambda a, b: a <= b)):
+            lim = meta.get(k)
+            if lim is not None and not ok(v, lim):
+                return f"{name} must be {_range_text(meta)}, got {v!r}"
+    return None
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -192,7 +264,7 @@ def _field_types(cls) -> dict[str, Any]:
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
-            raise ValueError(f"config: {where} must be a mapping, got {value!r}")
+            raise ConfigError(f"config: {where} must be a mapping of keys, got {value!r}")
         return from_dict(typ, value, where)
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
@@ -203,10 +275,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"config: {where} must be true/false, got {value!r}")
+        raise ConfigError(f"config: {where} must be true/false, got {value!r}")
     if typ is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"config: {where} must be an int, got {value!r}")
+            raise ConfigError(f"config: {where} must be an int, got {value!r}")
         return value
     if typ is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -215,11 +289,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"config: {where} must be a number, got {value!r}")
+            raise ConfigError(f"config: {where} must be a number, got {value!r}")
         return float(value)
     if typ is str:
+        if value is None:
+            return ""
         if not isinstance(value, str):
-            raise ValueError(f"config: {where} must be a string, got {value!r}")
+            raise ConfigError(f"config: {where} must be a string, got {value!r}")
         return value
     return value
 
@@ -229,8 +305,9 @@ def from_dict(cls, data: dict, where: str = "config"):
     types_ = _field_types(cls)
     unknown = set(data) - set(types_)
     if unknown:
-        raise ValueError(f"config: unknown key(s) {sorted(unknown)} in {where}; valid: {sorted(types_)}")
-    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+        what = "section(s)" if where == "config" else "key(s)"
+        raise ConfigError(f"config: unknown {what} {sorted(unknown)} in {where}; valid: {sorted(types_)}")
+    kwargs = {k: _coerce(v, types_[k], k if where == "config" else f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -239,32 +316,41 @@ def to_dict(cfg) -> dict:
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
-    """Apply ``section.key=value`` strings (value parsed as YAML) to a copy of ``cfg``."""
+    """Apply ``section.key=value`` strings (value parsed as YAML) to a copy of ``cfg``; validated."""
     data = to_dict(cfg)
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        k, raw = item.split("=", 1)
+        parts = k.strip().split(".")
         node = data
         for p in parts[:-1]:
             if p not in node or not isinstance(node[p], dict):
-                raise ValueError(f"override {item!r}: unknown section {p!r}; valid: {sorted(node)}")
+                raise ConfigError(f"override {item!r}: unknown section {p!r}; valid: {sorted(node)}")
             node = node[p]
-        if parts[-1] not in node:
-            raise ValueError(f"override {item!r}: unknown key {parts[-1]!r}; valid: {sorted(node)}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        if len(parts) < 2 or parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ConfigError(f"override {item!r}: unknown key {parts[-1]!r}; valid: "
+                              f"{sorted(x for x in node if not isinstance(node[x], dict))}")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value ({str(e).splitlines()[0]})") from None
     return from_dict(Config, data).validate()
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults ← YAML file (if given) ← overrides; validated."""
+    """Defaults <- YAML file (if given) <- overrides; the whole result validated."""
     data: dict = {}
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections")
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
     cfg = from_dict(Config, data)
     return apply_overrides(cfg, overrides)
 
@@ -272,3 +358,79 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 def save_config(cfg: Config, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+_ADDITION_IDS = {"vocab_size": 16, "mask_token_id": 15, "eos_token_id": 14, "pad_token_id": 13}
+
+
+def check_files(cfg: Config) -> Config:
+    """The checks that read files, before any model is built: ``model.path`` is a checkpoint directory
+    whose vocabulary (size and special ids) fits the task; a JSONL task's data file and tokenizer exist
+    and the tokenizer's vocabulary fits the model. Raises :class:`ConfigError`."""
+    mp = cfg.model.path
+    vocab = None if mp else cfg.model.vocab_size
+    if mp:
+        cj = os.path.join(mp, "config.json")
+        if not os.path.isfile(cj):
+            raise ConfigError(f"config: model.path {mp!r} is not a checkpoint directory (no config.json)")
+        try:
+            with open(cj) as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"config: {cj} is not readable JSON ({e})") from None
+        vocab = raw.get("vocab_size")
+        if cfg.task.name == "addition":
+            for k, want in _ADDITION_IDS.items():
+                got = raw.get(k)
+                if isinstance(got, list):
+                    got = got[0] if got else None
+                if got != want:
+                    raise ConfigError(f"config: the checkpoint {mp!r} does not fit task.name=addition: its {k} is "
+                                      f"{got}, the task's vocabulary needs {want}")
+    if cfg.task.name == "jsonl":
+        if not os.path.isfile(cfg.task.path):
+            raise ConfigError(f"config: task.path {cfg.task.path!r} does not exist")
+        if not os.path.isdir(cfg.task.tokenizer):
+            raise ConfigError(f"config: task.tokenizer {cfg.task.tokenizer!r} is not a directory")
+        tv = _tokenizer_vocab(cfg.task.tokenizer)
+        if tv is not None and vocab is not None and tv > int(vocab):
+            raise ConfigError(f"config: the tokenizer {cfg.task.tokenizer!r} has {tv} tokens but the model's "
+                              f"vocabulary is {vocab}")
+    return cfg
+
+
+def _tokenizer_vocab(path: str) -> int | None:
+    """Token count of a tokenizer.json (base vocabulary + added tokens), without loading transformers."""
+    tj = os.path.join(path, "tokenizer.json")
+    try:
+        with open(tj) as f:
+            raw = json.load(f)
+        ids = list(raw.get("model", {}).get("vocab", {}).values()) if isinstance(
+            raw.get("model", {}).get("vocab"), dict) else []
+        ids += [t["id"] for t in raw.get("added_tokens", [])]
+        return max(ids) + 1 if ids else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def describe(cfg: Config | None = None) -> str:
+    """Every key with its default (or its value in ``cfg``), allowed values and meaning (``slim-rl config``).
+    The output is valid YAML: it can be saved and edited as a config file."""
+    what = "value in the given config" if cfg is not None else "default"
+    lines = [f"# slim-rl configuration: every key, its {what} and meaning.",
+             "# Set keys in a YAML file (--config FILE) or as section.key=value overrides."]
+    base = cfg if cfg is not None else Config()
+    for sec in dataclasses.fields(base):
+        section = getattr(base, sec.name)
+        lines.append(f"{sec.name}:")
+        types_ = _field_types(type(section))
+        for f in dataclasses.fields(section):
+            meta = f.metadata
+            allowed = "|".join(map(str, meta["choices"])) if meta.get("choices") else _range_text(meta)
+            typ = types_[f.name].__name__ if isinstance(types_[f.name], type) else str(types_[f.name])
+            val = yaml.safe_dump(getattr(section, f.name), default_flow_style=True).strip()
+            if val.endswith("..."):
+                val = val[:-3].strip()
+            doc = meta.get("doc", "")
+            lines.append(f"  {f.name}: {val}".ljust(34) + f"  # {typ}{' ' + allowed if allowed else ''}: {doc}")
+    return "\n".join(lines)

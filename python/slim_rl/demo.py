@@ -3,7 +3,8 @@ SLIM-RL; greedy held-out accuracy before and after, ``summary.json`` and plots i
 
 The defaults of :class:`slim_rl.config.Config` are the demo's settings (``configs/demo.yaml`` spells
 them out). ``slim-rl demo`` runs it; ``--resume`` continues an interrupted demo from its last
-checkpoint (the SFT result is checkpoint 0, so a resumed demo never repeats SFT).
+checkpoint (the SFT result is checkpoint 0, so a resumed demo never repeats SFT). A new demo into a folder that
+holds an earlier run needs ``--overwrite`` (or ``--resume``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from slim_rl import distributed as D
-from slim_rl.checkpoint import latest_checkpoint
+from slim_rl.checkpoint import check_run_folder
 from slim_rl.config import Config
 from slim_rl.plots import plot_run
 from slim_rl.sft import sft
@@ -32,41 +33,45 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def prepare(cfg: Config, *, resume: bool = False, progress: bool = True) -> tuple[Trainer, dict[str, Any]]:
-    """Model + task + SFT stage (or the resumed checkpoint); returns the trainer and SFT facts."""
+def prepare(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> tuple[Trainer, dict[str, Any]]:
+    """Model + task + SFT stage (or the resumed checkpoint); returns the trainer and SFT facts.
+
+    The run folder is checked first (:func:`slim_rl.checkpoint.check_run_folder`: an earlier run needs
+    ``resume`` or ``overwrite``; ``resume`` needs a checkpoint), stale temporary checkpoint directories
+    are removed, and with ``overwrite`` the earlier run's files go only once SFT has succeeded.
+    """
+    check_run_folder(cfg.train.out_dir, resume=resume, overwrite=overwrite)
     info = D.init(cfg.dist.backend)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg, info.device)
-    trainer = Trainer(cfg, model=model, info=info)
+    trainer = Trainer(cfg, model=model, info=info, overwrite=overwrite)
+    trainer.clean_stale()
     facts: dict[str, Any] = {"sft_seconds": 0.0, "sft_steps": 0}
-    ckpt = latest_checkpoint(trainer.ckpt_dir) if resume else None
-    if ckpt is not None:
-        trainer.resume()
-        facts["resumed_from"] = ckpt
+    if resume:
+        facts["resumed_from"] = trainer.resume()
         return trainer, facts
-    if os.path.isdir(trainer.ckpt_dir) and info.is_main:
-        import shutil
-
-        shutil.rmtree(trainer.ckpt_dir)
-    D.barrier(info)
     t0 = time.time()
-    records = sft(model, trainer.task, cfg, device=info.device, progress=progress and info.is_main)
+    records = sft(trainer, progress=progress and info.is_main)
     facts["sft_seconds"] = time.time() - t0
     facts["sft_steps"] = cfg.sft.steps
     facts["sft_final_loss"] = records[-1]["sft_loss"] if records else None
-    D.broadcast_parameters(model, info)
-    # a fresh optimizer for RL (SFT used its own); checkpoint 0 = the SFT model
+    # a fresh optimizer state for RL (SFT used its own); checkpoint 0 = the SFT model
     trainer.optimizer.state.clear()
+    trainer.claim_folder()
     if cfg.train.checkpoint_every:
         trainer.save()
     return trainer, facts
 
 
-def run_demo(cfg: Config, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """SFT → greedy accuracy → SLIM-RL → greedy accuracy; writes summary.json + plots; returns the summary."""
+def run_demo(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """SFT → greedy accuracy → SLIM-RL → greedy accuracy; writes summary.json + plots; returns the summary.
+
+    The last RL step is always checkpointed, so ``slim-rl eval`` of the run gives ``accuracy_after``."""
     t0 = time.time()
-    trainer, facts = prepare(cfg, resume=resume, progress=progress)
+    trainer, facts = prepare(cfg, resume=resume, overwrite=overwrite, progress=progress)
     info = trainer.info
     before_path = os.path.join(cfg.train.out_dir, "accuracy_before.json")
     if resume and os.path.exists(before_path):
@@ -74,8 +79,8 @@ def run_demo(cfg: Config, *, resume: bool = False, progress: bool = True) -> dic
             before = json.load(f)["accuracy"]
     else:
         before = trainer.evaluate()["accuracy"]
+        trainer.claim_folder()
         if info.is_main:
-            os.makedirs(cfg.train.out_dir, exist_ok=True)
             with open(before_path, "w") as f:
                 json.dump({"accuracy": before}, f)
     if info.is_main and progress:

@@ -4,13 +4,22 @@
   process group (``gloo`` on CPU, ``nccl`` on CUDA); one process without those variables is rank 0 of 1.
 * Rollouts are split across ranks and :func:`all_gather_objects` brings every rank the whole batch, so
   advantages are computed over complete groups and the rows are built identically everywhere.
-* Data parallel (``dist.strategy=ddp``): each rank takes its share of the rows; after gradient
-  accumulation :func:`all_reduce_gradients` sums the gradients (one flat buffer per dtype). With the
-  loss of every micro-batch scaled by ``rows / global rows`` the summed gradient is the gradient of the
-  global loss, so W processes and one process take the same step on the same global batch.
-* FSDP2 (``dist.strategy=fsdp``): :func:`wrap_fsdp` shards every decoder layer and the root with
-  ``torch.distributed.fsdp.fully_shard``; FSDP reduce-scatters the gradients itself (averaging over
-  ranks), so the trainer scales the loss by the world size and skips :func:`all_reduce_gradients`.
+* The trainer's training forward is one module (:class:`slim_rl.trainer.Scorer`: decoder -> hidden states
+  of the loss positions -> masked log-probs through the LM head's whole weight). That module is what
+  the strategies wrap:
+
+  - ``dist.strategy=ddp``: :func:`wrap_ddp` = ``torch.nn.parallel.DistributedDataParallel``; the trainer
+    runs the micro-batches of a minibatch under ``no_sync()`` except the last, so gradients are
+    all-reduced once per optimizer step, overlapped with the last backward.
+  - ``dist.strategy=fsdp``: :func:`wrap_fsdp` = FSDP2 ``fully_shard`` on every decoder layer and on the
+    root (the scorer). The embeddings, final norm and LM head belong to the root unit, so inside the
+    root's forward the head weight is the whole (all-gathered) tensor: ``slim_ops.masked_logprob`` gets
+    it without any ``[n, V]`` logits, and its gradient is reduce-scattered back to the shards by FSDP.
+
+  Both average gradients over ranks, so the trainer scales each micro-batch loss by
+  ``world * rows / global rows``: W processes take the same step as one process on the same batch.
+  Every rank runs the same number of forwards per minibatch (FSDP all-gathers in each one; DDP needs
+  each rank's synchronising backward), padding with zero-weight micro-batches where a rank has fewer rows.
 """
 
 from __future__ import annotations
@@ -22,8 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init", "all_gather_objects", "all_reduce_gradients", "broadcast_parameters",
-           "wrap_fsdp", "barrier", "shutdown"]
+__all__ = ["DistInfo", "init", "all_gather_objects", "any_true", "broadcast_parameters", "wrap_ddp",
+           "wrap_fsdp", "fsdp_units", "barrier", "shutdown"]
 
 
 class DistInfo:
@@ -69,24 +78,13 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
-def all_reduce_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Sum gradients over ranks (missing gradients count as zeros), one flat buffer per dtype/device."""
+def any_true(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is True on any rank."""
     if not info.active:
-        return
-    groups: dict[tuple, list[torch.nn.Parameter]] = {}
-    for p in params:
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
-    for ps in groups.values():
-        flat = torch.cat([p.grad.reshape(-1) for p in ps])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        o = 0
-        for p in ps:
-            n = p.grad.numel()
-            p.grad.copy_(flat[o:o + n].view_as(p.grad))
-            o += n
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
@@ -97,27 +95,35 @@ def broadcast_parameters(module: torch.nn.Module, info: DistInfo) -> None:
         dist.broadcast(t.data, src=0)
 
 
-def wrap_fsdp(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2 (``torch.distributed.fsdp.fully_shard``): each decoder layer, the decoder (embeddings, final
-    norm), the LM head and the root are separate units, because the trainer calls the decoder and the
-    head directly (hidden states of the masked rows only) rather than the root's forward."""
+def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """``DistributedDataParallel(module)`` (broadcasts rank 0's weights; gradients averaged over ranks)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = torch.device(info.device)
+    ids = [dev] if dev.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2 ``fully_shard``: each decoder layer of ``model`` (the HF model inside ``module``) is a unit and
+    ``module`` is the root unit, which also holds the embeddings, the final norm and the LM head (so the
+    head weight is whole inside the root's forward). Returns ``module`` (sharded in place)."""
     from torch.distributed.fsdp import fully_shard
 
     decoder = getattr(model, "model", None)
     for layer in getattr(decoder, "layers", []):
         fully_shard(layer)
-    if decoder is not None:
-        fully_shard(decoder)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        fully_shard(head)
-    fully_shard(model)
-    # FSDP initialises lazily from the first forward, which must go through the root: do one tiny one
-    # (every rank together) so that later direct calls of the decoder / head find the state ready.
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=False)
-    return model
+    fully_shard(module)
+    return module
+
+
+def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 units under ``module`` (root included); empty when it is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
 def barrier(info: DistInfo) -> None:

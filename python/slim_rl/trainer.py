@@ -10,9 +10,12 @@ One RL step:
    schedule, §4.2); ``tracerl``: :func:`slim_ops.build_trace_rows` (trajectory slicing, §5).
 4. **logp_old** — log-probs of every row's loss positions under θ at the start of the step (no grad).
 5. **Update** — E epochs over shuffled minibatches with gradient accumulation over micro-batches:
-   :func:`slim_ops.slim_loss_from_hidden` (masked log-probs without a [n, V] tensor, clipped ratio,
-   k3 KL to θ_old), gradient clipping, AdamW whose state persists across steps, LR schedule.
-6. **Checkpoint** (atomic, :mod:`slim_rl.checkpoint`) and 7. periodic greedy **evaluation**.
+   the :class:`Scorer` (decoder → hidden states of the loss positions → :func:`slim_ops.masked_logprob`
+   with the LM head's whole weight: no [n, V] tensor under any strategy), :func:`slim_ops.slim_policy_loss`
+   (clipped ratio, k3 KL to θ_old), gradient clipping, AdamW whose state persists across steps, LR
+   schedule. An update whose loss or global gradient norm is not finite is skipped (counted in the
+   metrics); ``train.max_skipped_updates`` consecutive skips stop the run with :class:`TrainingError`.
+6. **Checkpoint** (sharded, atomic, :mod:`slim_rl.checkpoint`) and 7. periodic greedy **evaluation**.
 
 Training sequences are ``[prompt ‖ clean response ‖ noisy response]`` with the block-diffusion mask of
 SPEC §3.3 (:meth:`slim_ops.BlockLayout.train`), response blocks aligned to the prompt end, exactly the
@@ -22,12 +25,12 @@ comes from generators seeded by ``(seed, s)``, so a resumed run repeats an unint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
-import signal
 import time
 from typing import Any
 
@@ -35,13 +38,15 @@ import torch
 
 import slim_ops
 from slim_ops.layout import BlockLayout
+from slim_rl import checkpoint as C
 from slim_rl import distributed as D
 from slim_rl.advantages import compute_advantages
-from slim_rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slim_rl.config import Config, save_config, to_dict
+from slim_rl.errors import ConfigError, TrainingError
 from slim_rl.tasks import Example, make_task, pad_left
 
-__all__ = ["RolloutBatch", "Trainer", "build_model", "noisy_stream_hidden", "seeded"]
+__all__ = ["RolloutBatch", "Scorer", "Trainer", "TrainingError", "build_model", "noisy_stream_hidden", "seeded"]
+
 
 _PER_UNIT = ("clip_frac", "ratio_mean")
 _PER_TOKEN = ("entropy",)
@@ -128,6 +133,32 @@ def noisy_stream_hidden(model: torch.nn.Module, prompt: torch.Tensor, prompt_pad
     return h[:, L0 + L1 - shift:L0 + 2 * L1 - shift]
 
 
+class Scorer(torch.nn.Module):
+    """The training forward as one module — the unit DDP wraps and the FSDP2 root: ``[P ‖ C ‖ X]`` →
+    hidden states of the loss positions → :func:`slim_ops.masked_logprob` with the LM head's weight.
+
+    Under FSDP2 the head (with the embeddings and final norm) belongs to this root unit, so inside
+    ``forward`` its weight is the whole all-gathered tensor and its gradient flows back to the shards;
+    no ``[n, V]`` logits exist under any strategy.
+    """
+
+    def __init__(self, model: torch.nn.Module, block_size: int):
+        super().__init__()
+        self.model = model
+        self.block_size = int(block_size)
+
+    def forward(self, prompt: torch.Tensor, prompt_pad: torch.Tensor, clean: torch.Tensor, noisy: torch.Tensor,
+                labels: torch.Tensor, loss_mask: torch.Tensor, return_entropy: bool = False):
+        """prompt/prompt_pad/clean: [R, ·]; noisy: [R, L1] or [R, g, L1] (g rows sharing a clean stream);
+        labels and loss_mask: [R·g, L1]. Returns the packed log-probs [n] (n = loss_mask.sum()), or
+        (log-probs, entropies) with ``return_entropy``."""
+        h = noisy_stream_hidden(self.model, prompt, prompt_pad, clean, noisy, self.block_size)
+        if noisy.dim() == 3:
+            h = h.reshape(-1, h.shape[2], h.shape[3])
+        head = self.model.get_output_embeddings().weight
+        return slim_ops.masked_logprob(h[loss_mask], head, labels[loss_mask], return_entropy=return_entropy)
+
+
 @dataclasses.dataclass
 class RolloutBatch:
     """A batch of responses (CPU tensors, one entry per response, canonical order by (group, sample)).
@@ -181,10 +212,14 @@ def _lr_factor(cfg: Config, update: int, total: int) -> float:
 
 
 class Trainer:
-    """Runs SFT (optional), RL steps, evaluation, checkpoints and metrics for one :class:`Config`."""
+    """Runs SFT (optional), RL steps, evaluation, checkpoints and metrics for one :class:`Config`.
+
+    ``overwrite``: the run folder may hold an earlier run, whose files are removed when this run first
+    has something of its own to write (:meth:`claim_folder`), not before.
+    """
 
     def __init__(self, cfg: Config, *, model: torch.nn.Module | None = None, task=None,
-                 info: D.DistInfo | None = None, device: str | None = None):
+                 info: D.DistInfo | None = None, device: str | None = None, overwrite: bool = False):
         self.cfg = cfg.validate()
         self.info = info or D.init(cfg.dist.backend, device)
         self.device = self.info.device if device is None else device
@@ -193,21 +228,67 @@ class Trainer:
         self.task = task if task is not None else make_task(cfg.task)
         self.model = model if model is not None else build_model(cfg, self.device)
         self.model.to(self.device)
-        D.broadcast_parameters(self.model, self.info)
-        self.fsdp = cfg.dist.strategy == "fsdp" and self.info.active
+        self._check_vocabulary()
+        self.strategy = cfg.dist.strategy if self.info.active else "single"
+        self.fsdp = self.strategy == "fsdp"
+        self.ddp = self.strategy == "ddp"
+        scorer = Scorer(self.model, cfg.rollout.block_size)
         if self.fsdp:
-            D.wrap_fsdp(self.model)
+            D.broadcast_parameters(self.model, self.info)
+            self.scorer = D.wrap_fsdp(scorer, self.model)
+            self._warm_up()  # FSDP2 sets up its root in the first forward: every rank together
+            self.reshard()   # the root keeps its weights gathered after a forward; the optimizer needs shards
+        elif self.ddp:
+            self.scorer = D.wrap_ddp(scorer, self.info)  # broadcasts rank 0's weights
+        else:
+            self.scorer = scorer
         oc = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
                                            eps=oc.eps, weight_decay=oc.weight_decay)
         self.step = 0            # RL steps done
         self.updates = 0         # optimizer steps done
-        self.counters = {"train_rows": 0, "rollouts": 0, "train_tokens": 0}
+        self.bad_streak = 0      # consecutive skipped (non-finite) updates
+        self.counters = {"train_rows": 0, "rollouts": 0, "train_tokens": 0, "skipped_updates": 0}
         self.out_dir = cfg.train.out_dir
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
+        self.overwrite = overwrite
+        self._claimed = False
+        self._resumed = False
+        self._last_saved = -1
         self._tb = None
         self.history: list[dict[str, Any]] = []
+
+    def _check_vocabulary(self) -> None:
+        """The model's vocabulary must fit the task (else every response is unscorable: 0 training rows)."""
+        V = int(self.model.get_output_embeddings().weight.shape[0])
+        t = self.task
+        if all(hasattr(t, k) for k in ("mask_id", "eos_id", "pad_id", "vocab_size")):
+            want = {"vocabulary size": (t.vocab_size, V), "mask id": (t.mask_id, self.mask_id),
+                    "eos id": (t.eos_id, self.eos_id), "pad id": (t.pad_id, self.pad_id)}
+            for name, (need, have) in want.items():
+                if int(need) != int(have):
+                    raise ConfigError(f"config: the model does not fit task.name={getattr(t, 'name', '?')}: its "
+                                      f"{name} is {have}, the task needs {need}")
+        tok = getattr(t, "tok", None)
+        if tok is not None and len(tok) > V:
+            raise ConfigError(f"config: the tokenizer has {len(tok)} tokens but the model's vocabulary is {V}")
+
+    def reshard(self) -> None:
+        """FSDP2: put every unit back to its shards (the root keeps its weights gathered after a no-grad
+        forward); the module's parameters are then the sharded ones the optimizer and checkpoints see."""
+        if self.fsdp:
+            for m in D.fsdp_units(self.scorer):
+                m.reshard()
+
+    def _warm_up(self) -> None:
+        K = self.cfg.rollout.block_size
+        z = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        clean = torch.zeros(1, K, dtype=torch.long, device=self.device)
+        mask = torch.zeros(1, K, dtype=torch.bool, device=self.device)
+        mask[0, 0] = True
+        with torch.no_grad():
+            self.scorer(z, z.bool(), clean, torch.full_like(clean, self.mask_id), clean, mask)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -222,11 +303,26 @@ class Trainer:
     def eos_id(self) -> int:
         return int(self.model.eos_id)
 
-    def _log(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
+    def claim_folder(self) -> None:
+        """Called when this run first has something to write: with ``overwrite`` the earlier run's files
+        go now (not before); a fresh run drops a stale metrics log; the config is written. Idempotent."""
+        if self._claimed:
+            return
+        self._claimed = True
         if not self.info.is_main:
             return
+        if self.overwrite:
+            C.clear_run_files(self.out_dir)
+        elif not self._resumed and self.step == 0 and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
         os.makedirs(self.out_dir, exist_ok=True)
+        save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self.claim_folder()
+        if not self.info.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.cfg.train.tensorboard:
@@ -243,26 +339,33 @@ class Trainer:
                         self._tb.add_scalar(k, v, record.get("step", 0))
 
     # ------------------------------------------------------------------ generation / evaluation
+    @contextlib.contextmanager
+    def gathered(self):
+        """FSDP2: the whole weights on every rank for a stretch of decoding (ranks decode different
+        prompts and take different numbers of forwards, so per-forward all-gathers could not be matched);
+        every rank enters together. A no-op for the other strategies."""
+        units = D.fsdp_units(self.scorer) if self.fsdp else []
+        for m in units:
+            m.set_reshard_after_forward(False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(True)
+
     def _generate(self, prompts: list[list[int]], *, temperature: float, generator: torch.Generator | None):
         from slim_rl.generate import generate
 
         rc = self.cfg.rollout
         was_training = self.model.training
         self.model.eval()
-        # FSDP2: gather the weights once for the whole decode (ranks decode different prompts and take
-        # different numbers of forwards, so per-forward all-gathers could not be matched across ranks)
-        fsdp_units = [m for m in self.model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
-        for m in fsdp_units:
-            m.set_reshard_after_forward(False)
-            m.unshard()
         with torch.no_grad():
             out = generate(self.model, prompts, block_size=rc.block_size, max_new_tokens=rc.max_new_tokens,
                            steps_per_block=rc.steps_per_block or None, strategy=rc.strategy, tau=rc.tau,
                            m=rc.m, temperature=temperature, top_k=rc.top_k, top_p=rc.top_p,
                            generator=generator, batch_size=rc.batch_size or None)
-        for m in fsdp_units:
-            m.reshard()
-            m.set_reshard_after_forward(True)
         self.model.train(was_training)
         return out
 
@@ -273,9 +376,10 @@ class Trainer:
             exs = exs[:self.cfg.eval.num_prompts]
         mine = list(range(self.info.rank, len(exs), self.info.world))
         rewards: list[float] = []
-        if mine:
-            out = self._generate([exs[i].prompt for i in mine], temperature=0.0, generator=None)
-            rewards = self._rewards(out, [exs[i] for i in mine])
+        with self.gathered():
+            if mine:
+                out = self._generate([exs[i].prompt for i in mine], temperature=0.0, generator=None)
+                rewards = self._rewards(out, [exs[i] for i in mine])
         gathered = D.all_gather_objects(rewards, self.info)
         flat = [r for part in gathered for r in part]
         return {"accuracy": sum(flat) / max(len(flat), 1), "num_prompts": len(flat)}
@@ -299,6 +403,13 @@ class Trainer:
         examples = self.task.sample(rc.prompts_per_step, rng)
         mine = [q for q in range(len(examples)) if q % self.info.world == self.info.rank]
         local: RolloutBatch
+        with self.gathered():
+            local = self._rollout_share(step, examples, mine)
+        parts = D.all_gather_objects(local, self.info)
+        return RolloutBatch.concat(parts, self.pad_id)
+
+    def _rollout_share(self, step: int, examples: list[Example], mine: list[int]) -> RolloutBatch:
+        rc = self.cfg.rollout
         if mine:
             flat = [(q, g) for q in mine for g in range(rc.group_size)]
             gen = seeded(self.cfg.train.seed, step, "rollout", self.info.rank)
@@ -325,8 +436,7 @@ class Trainer:
             local = RolloutBatch([], torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, dtype=torch.int64),
                                  torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, dtype=torch.int64),
                                  torch.zeros(0), {})
-        parts = D.all_gather_objects(local, self.info)
-        return RolloutBatch.concat(parts, self.pad_id)
+        return local
 
     # ------------------------------------------------------------------ rows
     def build_rows(self, batch: RolloutBatch, step: int) -> dict[str, torch.Tensor]:
@@ -368,24 +478,6 @@ class Trainer:
                 "mask_ratio": float(r.loss_mask.float().sum(1).div(L1).mean())}  # |M| / L1 (SPEC §4.7)
 
     # ------------------------------------------------------------------ log-probs and loss
-    def _micro(self, rows: dict[str, torch.Tensor], idx: torch.Tensor):
-        """Hidden states of the loss positions of rows ``idx`` (whole groups when the clean stream is
-        shared), their labels and the [rows, L1] loss mask."""
-        dev = self.device
-        g = rows["group"]
-        take = lambda k, i=idx: rows[k][i].to(dev)
-        if g > 1:
-            first = idx[::g]
-            noisy = take("noisy").view(first.numel(), g, -1)
-            h = noisy_stream_hidden(self.model, take("prompt", first), take("prompt_pad", first),
-                                    take("clean", first), noisy, self.cfg.rollout.block_size)
-            h = h.reshape(idx.numel(), h.shape[2], h.shape[3])
-        else:
-            h = noisy_stream_hidden(self.model, take("prompt"), take("prompt_pad"), take("clean"), take("noisy"),
-                                    self.cfg.rollout.block_size)
-        mask = take("loss_mask")
-        return h[mask], take("clean")[mask], mask
-
     @staticmethod
     def _rows_of(units: torch.Tensor, g: int) -> torch.Tensor:
         """Row indices of shuffling units (a unit = one row, or the g rows sharing a clean stream)."""
@@ -393,35 +485,58 @@ class Trainer:
             return units
         return (units[:, None] * g + torch.arange(g)[None, :]).reshape(-1)
 
-    def _head_weight(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight
+    def _plan(self, units: torch.Tensor, per_micro: int) -> list[torch.Tensor | None]:
+        """This rank's micro-batches (of units) of a minibatch ``units``: rank r takes units[r::W]; every
+        rank gets the same number of micro-batches, ``None`` standing for a zero-weight filler."""
+        W, r = self.info.world, self.info.rank
+        mine = units[r::W]
+        chunks: list[torch.Tensor | None] = [mine[s:s + per_micro] for s in range(0, mine.numel(), per_micro)]
+        most = max(-(-units[q::W].numel() // per_micro) for q in range(W)) if units.numel() else 0
+        return chunks + [None] * (max(most, 1 if self.info.active else 0) - len(chunks))
+
+    def _score(self, rows: dict[str, Any], idx: torch.Tensor, return_entropy: bool = False):
+        """Packed log-probs of rows ``idx`` (whole groups when the clean stream is shared) through the
+        (wrapped) scorer, and their [rows, L1] loss mask."""
+        dev = self.device
+        g = rows["group"]
+
+        def take(k, i=idx):
+            return rows[k][i].to(dev)
+
+        first = idx[::g] if g > 1 else idx
+        noisy = take("noisy")
+        if g > 1:
+            noisy = noisy.view(first.numel(), g, -1)
+        mask = take("loss_mask")
+        out = self.scorer(take("prompt", first), take("prompt_pad", first), take("clean", first), noisy,
+                          take("clean"), mask, return_entropy)
+        return out, mask
 
     @torch.no_grad()
     def _logp_old(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """[rows, L1] fp32 log-probs under the current θ (0 off the loss mask); rows split over ranks."""
         n, L1, g = rows["rows"], rows["L1"], rows["group"]
         out = torch.zeros(n, L1)
-        mine = self._rows_of(torch.arange(self.info.rank, n // g, self.info.world), g)
-        mb = max(1, self.cfg.optim.micro_batch_rows // g) * g
-        for s in range(0, mine.numel(), mb):
-            idx = mine[s:s + mb]
-            hs, labels, mask = self._micro(rows, idx)
-            if self.fsdp:
-                logits = self.model.get_output_embeddings()(hs)
-                lp = slim_ops.logprob_from_logits(logits.float(), labels)
-            else:
-                lp = slim_ops.masked_logprob(hs, self._head_weight(), labels)
+        units = torch.arange(n // g)
+        mine: list[torch.Tensor] = []
+        for chunk in self._plan(units, max(1, self.cfg.optim.micro_batch_rows // g)):
+            idx = self._rows_of(units[:1] if chunk is None else chunk, g)
+            lp, mask = self._score(rows, idx)
+            if chunk is None:
+                continue  # a filler forward (FSDP2 needs every rank in every all-gather)
             dense = torch.zeros(idx.numel(), L1, device=lp.device).masked_scatter(mask, lp.float())
             out[idx] = dense.cpu()
+            mine.append(idx)
+        self.reshard()
         if self.info.active:
-            parts = D.all_gather_objects((mine, out[mine]), self.info)
-            for m_idx, vals in parts:
-                out[m_idx] = vals
+            m_idx = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.int64)
+            for r_idx, vals in D.all_gather_objects((m_idx, out[m_idx]), self.info):
+                out[r_idx] = vals
         return out
 
     def _loss(self, rows, idx, logp_old, scale: float):
         oc = self.cfg.objective
-        hs, labels, mask = self._micro(rows, idx)
+        (lp, ent), mask = self._score(rows, idx, return_entropy=True)
         adv = rows["advantages"][idx].to(self.device)
         w = rows["weights"][idx].to(self.device)
         old = logp_old[idx].to(self.device)
@@ -432,15 +547,9 @@ class Trainer:
             w = torch.ones_like(w)
         kw.update(kl_coef=oc.kl_coef, kl_estimator=oc.kl_estimator, response_len=rows["L1"],
                   block_size=self.cfg.rollout.block_size)
-        if self.fsdp:
-            logits = self.model.get_output_embeddings()(hs).float()
-            lp, ent = slim_ops.logprob_from_logits(logits, labels, return_entropy=True)
-            dense = torch.zeros(mask.shape, device=lp.device).masked_scatter(mask, lp)
-            loss, metrics = slim_ops.slim_policy_loss(dense, old, mask, adv, w, **kw)
-            metrics["entropy"] = ent.detach().mean()
-        else:
-            loss, metrics, _ = slim_ops.slim_loss_from_hidden(hs, self._head_weight(), labels, old, mask,
-                                                              adv, w, **kw)
+        dense = torch.zeros(mask.shape, dtype=torch.float32, device=lp.device).masked_scatter(mask, lp)
+        loss, metrics = slim_ops.slim_policy_loss(dense, old, mask, adv, w, **kw)
+        metrics["entropy"] = ent.detach().sum() / max(ent.numel(), 1)
         (loss * scale).backward()
         level = kw["level"]
         if level == "token":
@@ -454,16 +563,45 @@ class Trainer:
             units = int(mp.view(mask.shape[0], nb, K).any(dim=2).sum())
         return loss.detach(), metrics, int(mask.sum()), units
 
+    @contextlib.contextmanager
+    def _accumulating(self, sync: bool):
+        """Gradient accumulation: DDP ``no_sync`` / FSDP2 without reduce-scatter unless ``sync``."""
+        if self.ddp and not sync:
+            with self.scorer.no_sync():
+                yield
+            return
+        if self.fsdp:
+            self.scorer.set_requires_gradient_sync(sync)
+        yield
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], *,
+                       grad_clip: float, lr: float, loss_finite: bool) -> tuple[bool, float]:
+        """Clip, check and step: skips the update (gradients dropped) when the loss on any rank or the
+        global gradient norm is not finite. Returns (stepped, grad_norm)."""
+        gn = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        if hasattr(gn, "full_tensor"):  # FSDP2: a DTensor
+            gn = gn.full_tensor()
+        gn_f = float(gn)
+        bad = D.any_true(not loss_finite, self.info) or not math.isfinite(gn_f)
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            return False, gn_f
+        for pg in optimizer.param_groups:
+            pg["lr"] = lr
+        optimizer.step()
+        return True, gn_f
+
     def update(self, batch: RolloutBatch, step: int) -> dict[str, Any]:
         """Steps 2-5 of an RL step on a global batch (the same on every rank); returns metrics."""
         oc = self.cfg.optim
         rows = self.build_rows(batch, step)
         rec: dict[str, Any] = {k: rows[k] for k in ("num_groups", "kept_groups", "kept_responses", "rows")}
+        rec["skipped_updates"] = 0
         if rows["rows"] == 0:
             return rec
         n = rows["rows"]
         logp_old = self._logp_old(rows)
-        W, rank = self.info.world, self.info.rank
+        W = self.info.world
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norms: list[float] = []
         sums: dict[str, float] = {}
@@ -471,43 +609,50 @@ class Trainer:
         total_updates = self.cfg.train.steps * oc.epochs * oc.minibatches
         self.model.train()
         grp = rows["group"]
-        micro = max(1, oc.micro_batch_rows // grp) * grp
+        per_micro = max(1, oc.micro_batch_rows // grp)
+        skipped = 0
         for epoch in range(oc.epochs):
             perm = torch.randperm(n // grp, generator=seeded(self.cfg.train.seed, step, "shuffle", epoch))
             for mb in torch.tensor_split(perm, oc.minibatches):
                 if mb.numel() == 0:
                     continue
                 B_mb = mb.numel() * grp
-                mine = self._rows_of(mb[rank::W], grp)
-                self.optimizer.zero_grad(set_to_none=False)
-                for s in range(0, mine.numel(), micro):
-                    idx = mine[s:s + micro]
-                    scale = idx.numel() / B_mb * (W if self.fsdp else 1)
-                    loss, metrics, ntok, units = self._loss(rows, idx, logp_old, scale)
+                self.optimizer.zero_grad(set_to_none=True)
+                plan = self._plan(mb, per_micro)
+                finite = True
+                for j, chunk in enumerate(plan):
+                    idx = self._rows_of(mb[:1] if chunk is None else chunk, grp)
+                    # DDP / FSDP average over ranks: x W makes the sum over ranks the global-batch gradient
+                    scale = 0.0 if chunk is None else idx.numel() / B_mb * W
+                    with self._accumulating(sync=j == len(plan) - 1):
+                        loss, metrics, ntok, units = self._loss(rows, idx, logp_old, scale)
+                    if chunk is None:
+                        continue
                     part = {"loss": float(loss), **{k: float(v) for k, v in metrics.items() if k != "masked_count"}}
+                    finite = finite and math.isfinite(part["loss"])
                     for k, v in part.items():
                         # metric averages over the minibatch: per ratio unit, per masked token or per row
                         wk = units if k in _PER_UNIT else ntok if k in _PER_TOKEN else idx.numel()
                         sums[k] = sums.get(k, 0.0) + v * wk
                         wsum[k] = wsum.get(k, 0.0) + wk
-                if not self.fsdp:
-                    D.all_reduce_gradients(params, self.info)
-                gn = torch.nn.utils.clip_grad_norm_(params, oc.grad_clip) if oc.grad_clip > 0 else None
-                if gn is not None and hasattr(gn, "full_tensor"):  # FSDP2: a DTensor
-                    gn = gn.full_tensor()
                 lr = oc.lr * _lr_factor(self.cfg, self.updates, total_updates)
-                for pg in self.optimizer.param_groups:
-                    pg["lr"] = lr
-                self.optimizer.step()
-                self.updates += 1
-                if gn is not None:
-                    grad_norms.append(float(gn))
+                stepped, gn = self.optimizer_step(self.optimizer, params, grad_clip=oc.grad_clip, lr=lr,
+                                                  loss_finite=finite)
+                if stepped:
+                    self.updates += 1
+                    self.bad_streak = 0
+                    grad_norms.append(gn)
+                else:
+                    skipped += 1
+                    self.bad_streak += 1
         tot = D.all_gather_objects((sums, wsum), self.info)
         keys = {k for s, _ in tot for k in s}
         for k in sorted(keys):
             rec[k] = sum(s.get(k, 0.0) for s, _ in tot) / max(sum(w.get(k, 0.0) for _, w in tot), 1e-12)
         if grad_norms:  # identical on every rank (gradients are reduced before clipping)
             rec["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        rec["skipped_updates"] = skipped
+        self.counters["skipped_updates"] += skipped
         rec["lr"] = oc.lr * _lr_factor(self.cfg, max(self.updates - 1, 0), total_updates)
         rec["mask_ratio"] = rows["mask_ratio"]
         rec["mean_abs_advantage"] = rows["mean_abs_adv"]
@@ -516,25 +661,51 @@ class Trainer:
         return rec
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> str | None:
-        if not self.info.is_main:
-            D.barrier(self.info)
-            return None
-        extra = {"updates": self.updates, "counters": dict(self.counters), "config": to_dict(self.cfg)}
-        path = save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, extra=extra,
-                               keep=self.cfg.train.keep_checkpoints)
+    def save(self) -> str:
+        """Checkpoint the current step (collective; every rank writes its shard)."""
+        self.claim_folder()
+        self.reshard()
         D.barrier(self.info)
+        extra = {"updates": self.updates, "counters": dict(self.counters), "bad_streak": self.bad_streak,
+                 "strategy": self.strategy, "config": to_dict(self.cfg)}
+        path = C.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, extra=extra,
+                               keep=self.cfg.train.keep_checkpoints, info=self.info)
+        self._last_saved = self.step
         return path
 
-    def resume(self) -> bool:
-        """Load the newest complete checkpoint under ``out_dir`` (if any) and trim the metrics log."""
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            return False
-        st = load_checkpoint(path, self.model, self.optimizer)
+    def clean_stale(self) -> None:
+        """Remove temporary checkpoint directories a killed run left behind (rank 0; collective)."""
+        if self.info.is_main:
+            C.clean_stale(self.ckpt_dir)
+        D.barrier(self.info)
+
+    def resume(self, path: str | None = None) -> str:
+        """Load the newest loadable checkpoint under ``out_dir`` (or ``path``) and trim the metrics log.
+        A damaged newest checkpoint falls back to the one before; none loadable is a
+        :class:`~slim_rl.checkpoint.CheckpointError`."""
+        candidates = [path] if path else list(reversed(C.list_checkpoints(self.ckpt_dir)))
+        if not candidates:
+            raise C.CheckpointError(f"--resume: no checkpoint to resume in {self.ckpt_dir}")
+        errors = []
+        self.reshard()
+        for cand in candidates:
+            try:
+                st = C.load_checkpoint(cand, self.model, self.optimizer, info=self.info)
+            except C.CheckpointError as e:
+                errors.append(str(e))
+                if self.info.is_main:
+                    print(f"slim-rl: warning: {e}; trying an older checkpoint", flush=True)
+                continue
+            break
+        else:
+            raise C.CheckpointError(f"--resume: no loadable checkpoint in {self.ckpt_dir}: {'; '.join(errors)}")
         self.step = st["step"]
-        self.updates = st["extra"].get("updates", 0)
-        self.counters.update(st["extra"].get("counters", {}))
+        ex = st["extra"]
+        self.updates = int(ex.get("updates", 0))
+        self.bad_streak = int(ex.get("bad_streak", 0))
+        self.counters.update(ex.get("counters", {}))
+        self._resumed = True
+        self._last_saved = self.step
         if self.info.is_main and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
                 lines = [json.loads(line) for line in f if line.strip()]
@@ -544,7 +715,7 @@ class Trainer:
                     f.write(json.dumps(r) + "\n")
             self.history = keep
         D.barrier(self.info)
-        return True
+        return cand
 
     # ------------------------------------------------------------------ the loop
     def rl_step(self) -> dict[str, Any]:
@@ -569,17 +740,24 @@ class Trainer:
         self.step = step
         return rec
 
+    def _check_streak(self) -> None:
+        limit = self.cfg.train.max_skipped_updates
+        if self.bad_streak >= limit:
+            raise TrainingError(f"training stopped at RL step {self.step}: {self.bad_streak} consecutive updates "
+                                f"had a non-finite loss or gradient norm and were skipped (train.max_skipped_"
+                                f"updates={limit}); the last checkpoint holds finite weights — lower optim.lr "
+                                f"or check the objective settings")
+
     def train(self, *, resume: bool = False, progress: bool | None = None,
               on_step=None) -> list[dict[str, Any]]:
-        """Run RL steps until ``train.steps`` (or ``train.time_limit_s``); returns the metric records."""
+        """Run RL steps until ``train.steps`` (or ``train.time_limit_s``); the last step is always
+        checkpointed. Returns the metric records."""
         tc = self.cfg.train
-        if self.info.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            save_config(self.cfg, os.path.join(self.out_dir, "config.yaml"))
+        self.clean_stale()
         if resume:
             self.resume()
-        elif self.info.is_main and os.path.exists(self.metrics_path) and self.step == 0:
-            os.remove(self.metrics_path)
+        if not self.overwrite:
+            self.claim_folder()
         show = tc.progress if progress is None else progress
         bar = None
         if show and self.info.is_main:
@@ -588,25 +766,28 @@ class Trainer:
             bar = tqdm(total=tc.steps, initial=self.step, desc=f"RL ({self.cfg.objective.name})",
                        dynamic_ncols=True)
         t_start = time.time()
-        while self.step < tc.steps:
-            rec = self.rl_step()
-            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
-                rec["eval_accuracy"] = self.evaluate()["accuracy"]
-            self._log(rec)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{rec['reward']:.2f}", loss=f"{rec.get('loss', 0.0):+.3f}",
-                                **({"eval": f"{rec['eval_accuracy']:.2f}"} if "eval_accuracy" in rec else {}))
-            if on_step is not None:
-                on_step(rec)
-            if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+        try:
+            while self.step < tc.steps:
+                rec = self.rl_step()
+                if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+                    rec["eval_accuracy"] = self.evaluate()["accuracy"]
+                self._log(rec)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{rec['reward']:.2f}", loss=f"{rec.get('loss', 0.0):+.3f}",
+                                    **({"eval": f"{rec['eval_accuracy']:.2f}"} if "eval_accuracy" in rec else {}))
+                if on_step is not None:
+                    on_step(rec)
+                self._check_streak()
+                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    self.save()
+                if tc.time_limit_s and time.time() - t_start > tc.time_limit_s:
+                    break
+            if self._last_saved < self.step:  # the last step is always saved
                 self.save()
-            if tc.stop_after and self.step >= tc.stop_after:
-                os.kill(os.getpid(), signal.SIGKILL)  # testing: an abrupt kill, no cleanup
-            if tc.time_limit_s and time.time() - t_start > tc.time_limit_s:
-                break
-        if bar is not None:
-            bar.close()
-        if self._tb:
-            self._tb.flush()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._tb:
+                self._tb.flush()
         return self.history
