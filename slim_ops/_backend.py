@@ -1,8 +1,12 @@
-"""The one place that chooses the torch / triton / cuda implementation of an op.
+"""The one place that chooses the torch / triton / cuda / cpp implementation of an op.
 
 Order of precedence: the call's ``backend=`` argument, then the ``SLIM_OPS_BACKEND`` environment
 variable (read at call time), then auto = the fastest available for the tensors' device
-(cuda > triton > torch on a CUDA device, torch on the CPU).
+(cuda > triton > torch on a CUDA device; cpp > torch on the CPU).
+
+``cpp`` is the C++ CPU kernel of an op in ``slim_ops._C`` (function ``<op>_cpu``), built by every
+``pip install`` that has a C++ compiler, with or without nvcc; ``cuda`` needs the CUDA kernels of the
+same extension (built when nvcc is found). The extension is loaded by :mod:`slim_ops._ext`.
 
 The triton backend on CPU tensors runs only through the Triton interpreter (``TRITON_INTERPRET=1``
 set before slim_ops' kernels are first imported); that is how the test-suite checks kernels without a
@@ -16,7 +20,9 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+from slim_ops import _ext
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
 
 
 @functools.cache
@@ -28,14 +34,9 @@ def _has_triton() -> bool:
     return True
 
 
-@functools.cache
 def cuda_extension():
-    """The compiled ``slim_ops._C`` module, or None when it was not built."""
-    try:
-        from slim_ops import _C  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _C
+    """The compiled ``slim_ops._C`` module, or None when it was not built (see :mod:`slim_ops._ext`)."""
+    return _ext.extension()
 
 
 def triton_interpret() -> bool:
@@ -62,12 +63,25 @@ def _why_not(name: str, device: torch.device, op: str, supported: tuple[str, ...
     if name == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors (got device {device})"
-        ext = cuda_extension()
+        ext = _ext.extension()
         if ext is None:
             return ("slim_ops._C is not built: reinstall with nvcc on PATH, e.g. "
                     "`SLIM_OPS_CUDA=ON pip install --no-build-isolation .`")
+        if not _ext.has_cuda_kernels():
+            return ("slim_ops._C was built without the CUDA kernels (nvcc was not found): reinstall with nvcc on "
+                    "PATH, e.g. `SLIM_OPS_CUDA=ON pip install --no-build-isolation .`")
         if not hasattr(ext, op):
             return f"slim_ops._C was built without {op!r}; rebuild the package"
+        return None
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend needs CPU tensors (got device {device})"
+        ext = _ext.extension()
+        if ext is None:
+            return ("slim_ops._C is not built: reinstall with a C++ compiler available, e.g. "
+                    "`pip install --no-build-isolation .`")
+        if not hasattr(ext, f"{op}_cpu"):
+            return f"op {op!r} has no C++ CPU kernel in this build of slim_ops._C"
         return None
     return f"unknown backend {name!r}; choose one of {BACKENDS} or None for auto"
 
@@ -76,7 +90,7 @@ def available_backends(device: torch.device | str = "cpu", op: str = "tau_budget
                        supported: tuple[str, ...] = BACKENDS) -> list[str]:
     """Backends that can run `op` on `device`, fastest first."""
     device = torch.device(device)
-    return [b for b in ("cuda", "triton", "torch") if _why_not(b, device, op, supported) is None]
+    return [b for b in ("cuda", "triton", "cpp", "torch") if _why_not(b, device, op, supported) is None]
 
 
 def pick(op: str, device: torch.device, backend: str | None = None,
@@ -93,7 +107,7 @@ def pick(op: str, device: torch.device, backend: str | None = None,
             raise RuntimeError(f"slim_ops.{op}: backend {requested!r} unavailable: {reason}")
         return requested
     if device.type != "cuda":
-        return "torch"
+        return "cpp" if _why_not("cpp", device, op, supported) is None else "torch"
     for b in ("cuda", "triton", "torch"):
         if _why_not(b, device, op, supported) is None:
             return b

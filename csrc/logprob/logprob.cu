@@ -204,15 +204,15 @@ cudaError_t logprob_from_logits_fwd(const void* logits, int dtype, const int64_t
   if (V <= 0 || N > 0x7fffffffLL) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(N));
   switch (dtype) {
-    case kFloat32:
+    case kDTypeF32:
       logprob_fwd_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(logits), labels, logp,
                                                                lse, entropy, V, row_stride, inv_t);
       break;
-    case kBFloat16:
+    case kDTypeBF16:
       logprob_fwd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
           static_cast<const __nv_bfloat16*>(logits), labels, logp, lse, entropy, V, row_stride, inv_t);
       break;
-    case kFloat16:
+    case kDTypeF16:
       logprob_fwd_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(logits), labels, logp,
                                                                 lse, entropy, V, row_stride, inv_t);
       break;
@@ -229,17 +229,17 @@ cudaError_t logprob_from_logits_bwd(const float* grad, const void* logits, int d
   if (V <= 0 || N > 0x7fffffffLL) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(N));
   switch (dtype) {
-    case kFloat32:
+    case kDTypeF32:
       logprob_bwd_kernel<float><<<grid, kThreads, 0, stream>>>(grad, static_cast<const float*>(logits), labels,
                                                                lse, static_cast<float*>(dlogits), V, row_stride,
                                                                out_stride, inv_t);
       break;
-    case kBFloat16:
+    case kDTypeBF16:
       logprob_bwd_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
           grad, static_cast<const __nv_bfloat16*>(logits), labels, lse, static_cast<__nv_bfloat16*>(dlogits), V,
           row_stride, out_stride, inv_t);
       break;
-    case kFloat16:
+    case kDTypeF16:
       logprob_bwd_kernel<__half><<<grid, kThreads, 0, stream>>>(grad, static_cast<const __half*>(logits), labels,
                                                                 lse, static_cast<__half*>(dlogits), V, row_stride,
                                                                 out_stride, inv_t);

@@ -7,12 +7,12 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "dtype_codes.h"
+
 namespace slim_ops {
 
-// dtype codes shared with slim_ops/ops/masked_logprob/cuda.py
-enum LogprobDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-// logits [N, V] (row stride in elements), labels [N] int64, logp/lse [N] fp32, entropy [N] fp32 or null.
+// logits [N, V] of dtype code `dtype` (csrc/dtype_codes.h; row stride in elements), labels [N] int64,
+// logp/lse [N] fp32, entropy [N] fp32 or null.
 cudaError_t logprob_from_logits_fwd(const void* logits, int dtype, const int64_t* labels, float* logp,
                                     float* lse, float* entropy, int64_t N, int64_t V, int64_t row_stride,
                                     float inv_t, cudaStream_t stream);

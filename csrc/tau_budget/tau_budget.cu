@@ -542,15 +542,15 @@ cudaError_t tau_budget_step(const void* logits, int dtype, int64_t R, int64_t K,
   switch (K == 0 ? -1 : dtype) {
     case -1:  // no slots: the row kernel still writes num_committed = 0 and risk = 0
       break;
-    case kTauBudgetF32:
+    case kDTypeF32:
       launch_slots_mode<float>(mode, logits, R, K, V, stride_r, stride_k, splits, chunk, seed, temperature, inv_t,
                                part, stream);
       break;
-    case kTauBudgetF16:
+    case kDTypeF16:
       launch_slots_mode<__half>(mode, logits, R, K, V, stride_r, stride_k, splits, chunk, seed, temperature,
                                 inv_t, part, stream);
       break;
-    case kTauBudgetBF16:
+    case kDTypeBF16:
       launch_slots_mode<__nv_bfloat16>(mode, logits, R, K, V, stride_r, stride_k, splits, chunk, seed,
                                        temperature, inv_t, part, stream);
       break;
@@ -694,15 +694,15 @@ extern "C" int slim_ops_tau_budget_step_emu(const void* logits, int dtype, int64
   std::vector<TauBudgetPartial> part(static_cast<size_t>(R * K * splits));
   if (K > 0) {
     switch (dtype) {
-      case kTauBudgetF32:
+      case kDTypeF32:
         emu_slots_mode<float>(mode, logits, R, K, V, stride_r, stride_k, splits, chunk, seed, temperature, inv_t,
                               part.data());
         break;
-      case kTauBudgetF16:
+      case kDTypeF16:
         emu_slots_mode<__half>(mode, logits, R, K, V, stride_r, stride_k, splits, chunk, seed, temperature, inv_t,
                                part.data());
         break;
-      case kTauBudgetBF16:
+      case kDTypeBF16:
         emu_slots_mode<__nv_bfloat16>(mode, logits, R, K, V, stride_r, stride_k, splits, chunk, seed, temperature,
                                       inv_t, part.data());
         break;

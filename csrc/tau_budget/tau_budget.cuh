@@ -16,12 +16,9 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace slim_ops {
+#include "dtype_codes.h"
 
-// dtype codes of the logits
-constexpr int kTauBudgetF32 = 0;
-constexpr int kTauBudgetF16 = 1;
-constexpr int kTauBudgetBF16 = 2;
+namespace slim_ops {
 
 // strategy codes
 constexpr int kTauBudgetStrategyTau = 0;
@@ -45,7 +42,8 @@ inline size_t tau_budget_workspace_bytes(int64_t slots, int64_t splits) {
   return static_cast<size_t>(slots) * static_cast<size_t>(splits) * sizeof(TauBudgetPartial);
 }
 
-// logits [R,K,V] (element strides stride_r, stride_k, 1), block [R,K] int64 contiguous,
+// logits [R,K,V] of dtype code `dtype` (csrc/dtype_codes.h; element strides stride_r, stride_k, 1),
+// block [R,K] int64 contiguous,
 // tau32 / bud [R] fp32, floor [R] int32, seed [1] int64 (read on the device), temperature >= 0 (0 = greedy),
 // splits >= 1 V-splits per slot, workspace >= tau_budget_workspace_bytes(R*K, splits) bytes.
 // Outputs (contiguous): block_out [R,K] int64, commit [R,K] bool, tokens [R,K] int64, confidence [R,K] fp32,

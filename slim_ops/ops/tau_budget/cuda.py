@@ -20,28 +20,13 @@ import math
 
 import torch
 
-from slim_ops._backend import cuda_extension
+from slim_ops import _ext
 
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_FN = "slim_ops.ops.tau_budget.cuda"
 _MAX_K = 64
 _BLOCKS_PER_SM = 8  # resident 256-thread slot blocks per SM (31-40 registers, no shared memory to speak of)
 _MIN_SPLIT = 4096  # elements per split: at least two 16-byte loads per thread of a 256-thread block
 _MAX_SPLITS = 64
-
-
-def _ext():
-    ext = cuda_extension()
-    if ext is None or not hasattr(ext, "tau_budget_step"):
-        raise RuntimeError(
-            "slim_ops._C with tau_budget_step is not built: reinstall with nvcc on PATH, e.g. "
-            "`SLIM_OPS_CUDA=ON pip install --no-build-isolation -e .`"
-        )
-    return ext
-
-
-def _check(code: int, name: str) -> None:
-    if code != 0:
-        raise RuntimeError(f"slim_ops._C.{name} failed: CUDA error {code} ({_ext().error_string(code)})")
 
 
 @functools.cache
@@ -78,19 +63,13 @@ def num_splits(slots: int, vocab: int, device: torch.device) -> int:
     return choose_splits(slots, vocab, _num_sms(index) * _BLOCKS_PER_SM)
 
 
-def _row_param(x: torch.Tensor, R: int, dtype: torch.dtype, name: str, device: torch.device) -> torch.Tensor:
-    if x.shape != (R,) or x.dtype != dtype or x.device != device:
-        raise ValueError(
-            f"{name} must be a [{R}] {dtype} tensor on {device}, got {tuple(x.shape)} {x.dtype} on {x.device}"
-        )
-    return x.contiguous()
-
-
-def _selection_params(tau32, bud, floor, strategy_id: int, R: int, dev):
+def _selection_params(fn: str, tau32, bud, floor, strategy_id: int, R: int, dev):
     if strategy_id not in (0, 1, 2):
-        raise ValueError(f"strategy_id must be 0 (tau_budget), 1 (threshold) or 2 (topk), got {strategy_id}")
-    return (_row_param(tau32, R, torch.float32, "tau32", dev), _row_param(bud, R, torch.float32, "bud", dev),
-            _row_param(floor, R, torch.int32, "floor", dev))
+        raise ValueError(f"{fn}: strategy_id must be 0 (tau_budget), 1 (threshold) or 2 (topk), got {strategy_id}")
+    _ext.check_tensor(fn, "tau32", tau32, shape=(R,), dtypes=(torch.float32,), device=dev)
+    _ext.check_tensor(fn, "bud", bud, shape=(R,), dtypes=(torch.float32,), device=dev)
+    _ext.check_tensor(fn, "floor", floor, shape=(R,), dtypes=(torch.int32,), device=dev)
+    return tau32.contiguous(), bud.contiguous(), floor.contiguous()
 
 
 def tau_budget_step_cuda(
@@ -124,36 +103,26 @@ def tau_budget_step_cuda(
         num_committed int32 [R], risk fp32 [R]), new tensors on ``logits.device``. A slot whose logits hold
         NaN or +inf, or are all −inf, gets token = mask_id, confidence = NaN and is never committed.
     """
-    if logits.dim() != 3 or logits.device.type != "cuda" or logits.dtype not in _DTYPES:
-        raise ValueError(
-            f"logits must be a [R, K, V] bf16/fp16/fp32 CUDA tensor, got {tuple(logits.shape)} "
-            f"{logits.dtype} on {logits.device}"
-        )
+    fn = f"{_FN}.tau_budget_step_cuda"
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"{fn}: logits must be a [R, K, V] tensor, got {getattr(logits, 'shape', logits)}")
     R, K, V = logits.shape
     dev = logits.device
+    _ext.check_tensor(fn, "logits", logits, dtypes=tuple(_ext.DTYPE_CODES), device="cuda", last_dim_contiguous=True)
     if K > _MAX_K:
-        raise ValueError(f"the cuda backend supports K <= {_MAX_K} slots per block, got K={K}")
-    if V > 0 and logits.stride(-1) != 1:
-        raise ValueError(f"logits must have stride(-1) == 1, got strides {logits.stride()}")
-    if logits.data_ptr() % logits.element_size() != 0:
-        raise ValueError("logits data pointer is not aligned to its element size")
-    if block.shape != (R, K) or block.dtype != torch.int64 or block.device != dev:
-        raise ValueError(
-            f"block must be a [{R}, {K}] int64 tensor on {dev}, got {tuple(block.shape)} "
-            f"{block.dtype} on {block.device}"
-        )
-    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != dev:
-        raise ValueError(
-            f"seed must be a [1] int64 tensor on {dev}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}"
-        )
+        raise ValueError(f"{fn}: the cuda backend supports K <= {_MAX_K} slots per block, got K={K}")
+    _ext.check_tensor(fn, "block", block, shape=(R, K), dtypes=(torch.int64,), device=dev)
+    if seed.numel() != 1:
+        raise ValueError(f"{fn}: seed must hold one int64, got shape {tuple(seed.shape)}")
+    _ext.check_tensor(fn, "seed", seed, dtypes=(torch.int64,), device=dev)
     if not temperature >= 0.0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    tau32, bud, floor = _selection_params(tau32, bud, floor, strategy_id, R, dev)
+        raise ValueError(f"{fn}: temperature must be finite and >= 0, got {temperature}")
+    tau32, bud, floor = _selection_params(fn, tau32, bud, floor, strategy_id, R, dev)
     block = block.contiguous()
     seed = seed.reshape(1).contiguous()
     n_split = num_splits(R * K, V, dev) if splits is None else int(splits)
     if n_split < 1:
-        raise ValueError(f"splits must be >= 1, got {n_split}")
+        raise ValueError(f"{fn}: splits must be >= 1, got {n_split}")
 
     block_out = torch.empty((R, K), dtype=torch.int64, device=dev)
     commit = torch.empty((R, K), dtype=torch.bool, device=dev)
@@ -163,13 +132,13 @@ def tau_budget_step_cuda(
     risk = torch.empty((R,), dtype=torch.float32, device=dev)
     if R == 0:
         return block_out, commit, tokens, conf, num, risk
-    ext = _ext()
+    ext = _ext.require("tau_budget_step", "cuda")
     ws = torch.empty((max(1, ext.tau_budget_workspace_bytes(R * K, n_split)),), dtype=torch.uint8, device=dev)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         code = ext.tau_budget_step(
             logits.data_ptr(),
-            _DTYPES[logits.dtype],
+            _ext.dtype_code(fn, "logits", logits),
             R,
             K,
             V,
@@ -193,7 +162,7 @@ def tau_budget_step_cuda(
             risk.data_ptr(),
             stream,
         )
-    _check(code, "tau_budget_step")
+    _ext.check_status(code, "tau_budget_step", "cuda")
     return block_out, commit, tokens, conf, num, risk
 
 
@@ -215,21 +184,16 @@ def tau_budget_select_cuda(
         (commit bool [R,K], num_committed int32 [R], risk fp32 [R]) with risk = Σ_{j∈C} (1 − c_j)
         summed in fp32 in sorted order.
     """
-    if confidence.dim() != 2 or confidence.device.type != "cuda" or confidence.dtype != torch.float32:
-        raise ValueError(
-            f"confidence must be a [R, K] fp32 CUDA tensor, got {tuple(confidence.shape)} "
-            f"{confidence.dtype} on {confidence.device}"
-        )
+    fn = f"{_FN}.tau_budget_select_cuda"
+    if not isinstance(confidence, torch.Tensor) or confidence.dim() != 2:
+        raise ValueError(f"{fn}: confidence must be a [R, K] tensor, got {getattr(confidence, 'shape', confidence)}")
     R, K = confidence.shape
     dev = confidence.device
+    _ext.check_tensor(fn, "confidence", confidence, dtypes=(torch.float32,), device="cuda")
     if K > _MAX_K:
-        raise ValueError(f"the cuda backend supports K <= {_MAX_K} slots per block, got K={K}")
-    if masked.shape != (R, K) or masked.dtype != torch.bool or masked.device != dev:
-        raise ValueError(
-            f"masked must be a [{R}, {K}] bool tensor on {dev}, got {tuple(masked.shape)} "
-            f"{masked.dtype} on {masked.device}"
-        )
-    tau32, bud, floor = _selection_params(tau32, bud, floor, strategy_id, R, dev)
+        raise ValueError(f"{fn}: the cuda backend supports K <= {_MAX_K} slots per block, got K={K}")
+    _ext.check_tensor(fn, "masked", masked, shape=(R, K), dtypes=(torch.bool,), device=dev)
+    tau32, bud, floor = _selection_params(fn, tau32, bud, floor, strategy_id, R, dev)
     confidence = confidence.contiguous()
     masked = masked.contiguous()
     commit = torch.empty((R, K), dtype=torch.bool, device=dev)
@@ -237,7 +201,7 @@ def tau_budget_select_cuda(
     risk = torch.empty((R,), dtype=torch.float32, device=dev)
     if R == 0:
         return commit, num, risk
-    ext = _ext()
+    ext = _ext.require("tau_budget_select", "cuda")
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         code = ext.tau_budget_select(
@@ -254,5 +218,5 @@ def tau_budget_select_cuda(
             risk.data_ptr(),
             stream,
         )
-    _check(code, "tau_budget_select")
+    _ext.check_status(code, "tau_budget_select", "cuda")
     return commit, num, risk

@@ -159,6 +159,10 @@ def _tau_budget_step_op(logits: Tensor, block: Tensor, mask_id: int, tau32: Tens
             return torch.where(commit, tokens, block), commit, tokens, conf, num, risk
         return tau_budget_step_torch(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id,
                                      top_k, top_p)
+    if backend == "cpp":
+        from .cpu import tau_budget_step_cpu
+
+        return tau_budget_step_cpu(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id)
     if backend == "triton":
         from .triton import tau_budget_step_triton
 
@@ -211,6 +215,10 @@ def _select_dispatch(conf, masked, tau32, bud, floor, strategy_id, backend, spar
         from .cuda import tau_budget_select_cuda
 
         return tau_budget_select_cuda(conf, masked, tau32, bud, floor, strategy_id)
+    if backend == "cpp":
+        from .cpu import tau_budget_select_cpu
+
+        return tau_budget_select_cpu(conf, masked, tau32, bud, floor, strategy_id)
     return select_torch(conf, masked, tau32, bud, floor, strategy_id)
 
 
@@ -259,7 +267,7 @@ def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float |
             one) and "random" (LLaDA's random remasking: f uniformly random slots, from the counter-based RNG of
             reference.py seeded by ``generator``). Every rule is clamped to |M| and takes at least f slots where M
             has them (the peers' top-k can pick already-committed slots when f > |M|; here it cannot).
-        backend: "torch" | "triton" | "cuda" | None (auto: fastest for the device; see slim_ops._backend).
+        backend: "torch" | "triton" | "cuda" | "cpp" | None (auto: fastest for the device; see slim_ops._backend).
             entropy_bounded runs its slot pass in the torch backend for every backend (the kernels do not compute
             the entropy yet); factor / random / defer_ids use the backend's slot pass and the shared selection.
         gamma: γ >= 0 of "entropy_bounded" (float or [R] tensor), compared as fp32(γ).
