@@ -209,7 +209,7 @@ class _Unsupported(ValueError):
 
 _SAFE_FUNCS: dict[str, Any] = {f.__name__: f for f in (
     abs, len, sorted, set, frozenset, list, tuple, dict, round, min, max, sum, int, float, str, bool, all, any,
-    isinstance, type, complex, bytes, divmod)}
+    isinstance, type, complex, divmod)}
 
 
 def _range(*args: int) -> range:
@@ -221,7 +221,7 @@ def _range(*args: int) -> range:
 
 _SAFE_FUNCS["range"] = _range
 _MATH_ATTRS = {"isclose", "isnan", "isinf", "isfinite", "fabs", "sqrt", "floor", "ceil", "pi", "e", "inf", "nan",
-               "tau", "log", "log2", "log10", "exp", "pow", "gcd", "factorial", "comb", "perm", "prod", "hypot"}
+               "tau", "log", "log2", "log10", "exp", "pow", "gcd", "prod", "hypot", "trunc", "copysign"}
 _BUILTIN_NAMES = frozenset(dir(builtins))
 _SEQ_CAP = 1_000_000  # longest sequence / digit count the parent will build from a repetition or power
 

@@ -94,6 +94,11 @@ def test_wall_and_cpu_limits_kill_the_program():
     assert not r.passed and not r.timed_out and r.wall_s < 10.0  # RLIMIT_CPU, well before the wall limit
 
 
+def test_wall_limit_holds_after_the_program_closes_its_streams():
+    r = run_python("import os, time\nos.close(1)\nos.close(2)\ntime.sleep(60)", limits=SandboxLimits(wall_s=1.0))
+    assert r.timed_out and not r.passed and r.wall_s < 3.0, r
+
+
 def test_memory_limit():
     r = run_python("x = []\nwhile True:\n    x.append(bytearray(10**7))", limits=FAST)
     assert not r.passed and "MemoryError" in r.stderr

@@ -145,6 +145,8 @@ def solve(x):
                      "for _ in range(8):\n    threading.Thread(target=spin, daemon=True).start()\n"
                      "def solve(x):\n    spin()"),
     "sleep_forever": "import time\ndef solve(x):\n    time.sleep(3600)",
+    "close_streams_and_sleep": ("import os, sys, time\nfor fd in (0, 1, 2, int(sys.argv[4])):\n    os.close(fd)\n"
+                                "time.sleep(3600)"),
     "memory_bomb": "def solve(x):\n    a = []\n    while True:\n        a.append(bytearray(1 << 24))",
     "thread_bomb": ("import threading, time\nts = []\nwhile True:\n"
                     "    t = threading.Thread(target=time.sleep, args=(60,))\n    t.start()\n    ts.append(t)"),
