@@ -9,8 +9,20 @@ must agree token for token and contain no mask token.
     NFE/token    = Σ_rows denoising forwards a row took / Σ committed tokens
     tok/forward  = 1 / (NFE/token);  mean EWC = mean over row steps of Σ_{j∈C}(1 − c_j)
 
+Caches (``--caches``): LLaDA-shaped model, ``cache="none"`` vs Fast-dLLM's ``"prefix"`` / ``"dual"``:
+    s/forward    = median wall seconds of one generate call / batched forward passes it ran (model_calls)
+    NFE-normalised speed-up = (s/forward of "none") / (s/forward of the cache)
+    wall speed-up = median seconds of "none" / median seconds of the cache (the caches decode blocks in lockstep,
+                    so their forward counts differ a little)
+    agreement    = fraction of the first max_new_tokens response slots (all rows) with the same greedy token
+                   as "none"
+  gated by: no mask token in the output, and with S = 1 (every block decoded by its exact refresh step) the
+  cached outputs equal "none" token for token. ``--demo-llada`` adds the demo addition task with a LLaDA-shaped
+  model after the demo's SFT stage (greedy held-out accuracy per cache).
+
 Usage:  python benchmarks/bench_generate.py --device cpu --out benchmarks/results/local
         python benchmarks/bench_generate.py --device cuda --out $OUT     (SDAR-4B-shaped, few layers)
+        python benchmarks/bench_generate.py --caches [--demo-llada] --out benchmarks/results/cpu
 CPU: a tiny SDAR model (numbers are labelled CPU). CUDA: a random Qwen3/SDAR-4B-shaped model (hidden 2560,
 32 heads / 8 KV heads, head dim 128, MLP 9728, V = 151936) with few layers, batch 64, block 16, bf16.
 """
@@ -226,6 +238,74 @@ def run_families(cfg, device, repeats):
     return rows
 
 
+CACHE_CPU_CFG = dict(vocab=64, hidden=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=256, head_std=2.0,
+                     dtype=torch.float32, batch=16, block=8, new_tokens=64, prompt_min=32, prompt_max=64, tau=0.9)
+
+
+def run_caches(cfg, device, repeats, backend=None):
+    """LLaDA-shaped random model: cache none vs prefix vs dual (see the module docstring for the formulas)."""
+    model = tiny("llada", vocab_size=cfg["vocab"], seed=0, hidden_size=cfg["hidden"], num_layers=cfg["layers"],
+                 num_heads=cfg["heads"], num_kv_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
+                 intermediate_size=cfg["mlp"], head_std=cfg["head_std"], dtype=cfg["dtype"], device=device)
+    prompts = _prompts(cfg["batch"], cfg["vocab"], cfg["prompt_min"], cfg["prompt_max"], seed=1)
+    gen_kw = dict(block_size=cfg["block"], max_new_tokens=cfg["new_tokens"], tau=cfg["tau"], backend=backend)
+    n = cfg["new_tokens"]
+    base = generate(model, prompts, **gen_kw)
+    one = generate(model, prompts, steps_per_block=1, **gen_kw)
+    rows, t_none = [], None
+    for cache in ("none", "prefix", "dual"):
+        out = generate(model, prompts, cache=cache, **gen_kw)
+        if any((s == model.mask_id).any() for s in out.sequences):
+            raise SystemExit(f"correctness gate failed (cache={cache}): mask token in the output")
+        if not torch.equal(generate(model, prompts, cache=cache, steps_per_block=1, **gen_kw).tokens, one.tokens):
+            raise SystemExit(f"correctness gate failed (cache={cache}): the refresh steps differ from cache='none'")
+        t = _time(lambda c=cache: generate(model, prompts, cache=c, **gen_kw), device, repeats)
+        per_fwd = t["median_s"] / out.model_calls
+        if cache == "none":
+            t_none = (t["median_s"], per_fwd)
+        agree = float((out.tokens[:, :n] == base.tokens[:, :n]).double().mean())
+        rows.append({"family": "llada", "cache": cache, **t, "model_calls": out.model_calls,
+                     "nfe_total": int(out.nfe.sum()), "forward_tokens": out.forward_tokens,
+                     "s_per_forward": per_fwd, "nfe_normalised_speedup": t_none[1] / per_fwd,
+                     "wall_speedup": t_none[0] / t["median_s"], "token_agreement_vs_none": agree,
+                     "tokens_per_forward": out.tokens_per_forward})
+        print(f"cache={cache:>6}: {t['median_s'] * 1e3:8.1f} ms/call  {out.model_calls:4d} forwards  "
+              f"{per_fwd * 1e3:7.2f} ms/forward  NFE-normalised x{t_none[1] / per_fwd:5.2f}  "
+              f"wall x{t_none[0] / t['median_s']:5.2f}  agreement {agree:.3f}", flush=True)
+    return rows
+
+
+def run_demo_llada(threads, backend=None):
+    """The demo task (2-digit addition) with a LLaDA-shaped model after the demo's SFT stage: greedy held-out
+    accuracy with each cache (demo decoding settings: K = 2, 6 new tokens, τ-budget τ = 0.9)."""
+    import tempfile
+
+    from slim_rl.config import load_config
+    from slim_rl.demo import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                          ["model.family=llada", f"train.out_dir={tmp}/run", "train.checkpoint_every=0",
+                           f"train.threads={threads}"])
+        t0 = time.time()
+        trainer, _ = prepare(cfg, overwrite=True, progress=False)
+        sft_s = time.time() - t0
+    exs = trainer.task.eval_set()
+    rc = cfg.rollout
+    kw = dict(block_size=rc.block_size, max_new_tokens=rc.max_new_tokens, tau=rc.tau, m=rc.m, backend=backend)
+    res = {"family": "llada", "sft_steps": cfg.sft.steps, "sft_seconds": sft_s, "num_prompts": len(exs),
+           "decode": dict(kw, strategy=rc.strategy)}
+    base = None
+    for cache in ("none", "prefix", "dual"):
+        out = generate(trainer.model, [e.prompt for e in exs], cache=cache, **kw)
+        acc = sum(trainer.task.reward([s.tolist() for s in out.sequences], exs)) / len(exs)
+        base = out if base is None else base
+        agree = float((out.tokens[:, :rc.max_new_tokens] == base.tokens[:, :rc.max_new_tokens]).double().mean())
+        res[cache] = {"accuracy": acc, "token_agreement_vs_none": agree, "model_calls": out.model_calls}
+        print(f"demo task, LLaDA-shaped, cache={cache:>6}: accuracy {acc:.3f}  agreement {agree:.3f}", flush=True)
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -233,7 +313,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None, help="override the model depth")
+    ap.add_argument("--caches", action="store_true", help="only the LLaDA cache comparison (none/prefix/dual)")
+    ap.add_argument("--demo-llada", action="store_true", help="with --caches: also the demo task accuracy")
+    ap.add_argument("--backend", default=None, help="with --caches: decode-step backend (default: auto)")
     args = ap.parse_args(argv)
+    if args.caches:
+        return main_caches(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -269,6 +354,47 @@ def main(argv=None):
     }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench_generate_{device.type}_{time.strftime('%Y%m%dT%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
+
+
+def main_caches(args):
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    cfg = dict(CACHE_CPU_CFG)
+    if device.type == "cuda":
+        cfg.update(vocab=151936, hidden=2048, layers=4, heads=16, kv_heads=4, head_dim=128, mlp=8192,
+                   head_std=0.2, dtype=torch.bfloat16, batch=32, block=32, new_tokens=256, prompt_min=128,
+                   prompt_max=256)
+    if args.layers:
+        cfg["layers"] = args.layers
+    repeats = args.repeats or 5
+    print(f"bench_generate caches on {device.type.upper()}: {cfg}", flush=True)
+    rows = run_caches(cfg, device, repeats, args.backend)
+    demo = run_demo_llada(args.threads, args.backend) if args.demo_llada else None
+    dev_name = (torch.cuda.get_device_name() if device.type == "cuda"
+                else f"CPU ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)")
+    import transformers
+
+    record = {
+        "benchmark": "generate_caches", "device": dev_name, "label": device.type.upper(), "threads": args.threads,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "git_sha": _git_sha(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in cfg.items()},
+        "formulas": {
+            "s_per_forward": "median wall seconds of one generate call / model_calls of that call",
+            "nfe_normalised_speedup": "s_per_forward(none) / s_per_forward(cache)",
+            "wall_speedup": "median_s(none) / median_s(cache)",
+            "token_agreement_vs_none": "mean over rows and the first max_new_tokens slots of token equality",
+        },
+        "backend": args.backend or "auto", "results": rows, "demo_task": demo,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"bench_generate_caches_{device.type}_{time.strftime('%Y%m%dT%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote {path}")
