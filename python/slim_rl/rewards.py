@@ -52,7 +52,8 @@ def exact_match_reward(responses: Sequence[Sequence[int]], answers: Sequence[Seq
 # math: math-verify in a worker process, killed at the timeout (works from any thread)
 
 _MATH_WORKER = r'''
-import json, sys
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a runaway expression fails, not the machine
 def _one(response, gold, timeout):
     from math_verify import parse, verify
     try:
@@ -371,7 +372,9 @@ def parse_tests(tests: str) -> TestPlan:
         mod = ast.parse(tests)
     except SyntaxError as e:
         raise ValueError(f"tests: not valid Python ({e.msg}, line {e.lineno})") from None
-    plan = TestPlan(setup="", calls=[], checks=[])
+    # `math` is the math module for the checks even when the tests rely on the program importing it
+    # (MBPP does): otherwise `math.isclose(f(x), y)` would be judged inside the sandbox
+    plan = TestPlan(setup="", calls=[], checks=[], math_names={"math"})
     setup: list[tuple[str | None, str, ast.AST | None]] = []  # (assigned name or None, source, value)
 
     def stmt(s: ast.stmt, in_check: bool) -> None:

@@ -136,6 +136,17 @@ def test_code_reward_comparisons_keep_python_semantics():
     assert code_reward(["def f(x):\n    return x * x"], [tests]) == [1.0]
 
 
+def test_expected_values_and_verdicts_stay_out_of_the_sandbox():
+    # MBPP relies on the program importing math: the check is still the parent's, only the call is sent
+    plan = parse_tests("assert math.isclose(volume(10), 4188.790204786391, rel_tol=0.001)")
+    assert plan.calls == ["volume(10)"] and "4188" not in plan.setup
+    forged = ("import math\nclass _M:\n    def __getattr__(self, n):\n        return lambda *a, **k: True\n"
+              "math = _M()\ndef volume(r):\n    return 0.0")
+    ok = "import math\ndef volume(r):\n    return 4 / 3 * math.pi * r ** 3"
+    tests = "assert math.isclose(volume(10), 4188.790204786391, rel_tol=0.001)"
+    assert code_reward([forged, ok], [tests] * 2) == [0.0, 1.0]
+
+
 def test_code_reward_checks_its_arguments():
     with pytest.raises(ValueError, match="2 responses but 1 test"):
         code_reward(["a", "b"], ["assert f() == 1"])
