@@ -4,10 +4,15 @@ Isolation (one ``bwrap`` process per run, :func:`run_python` / :func:`run_calls`
 
 * **Namespaces**: new user, PID, mount, network, IPC, UTS and cgroup namespaces (``--unshare-all``);
   the program runs as uid/gid 65534 inside with no capabilities, ``--new-session``, ``--die-with-parent``.
-* **File system**: a fresh root holding only, read-only, the interpreter binary, its standard library
+* **File system**: a fresh read-only root holding only the interpreter binary, its standard library
   (``site-packages`` masked by an empty tmpfs) and the shared libraries ``ldd`` lists for them, plus a
-  private ``/proc`` and ``/dev``; the working directory is a size-limited tmpfs (``/tmp``) that
-  disappears with the mount namespace, so nothing is ever written on the host.
+  minimal ``/dev``; the working directory is a size-limited tmpfs (``/tmp``) that disappears with the
+  mount namespace, so nothing is ever written on the host. There is deliberately **no** ``/proc``: when
+  the trainer runs as root, bwrap maps the sandbox user onto root outside (it cannot run as another
+  user and still reach an interpreter under e.g. ``/root``), and the kernel's sysctl permission check
+  compares with the global root uid, so a ``/proc/sys`` in the sandbox would let a program write host
+  sysctls (bwrap leaves ``/proc/sys`` writable there). Without capabilities, with nothing writable but
+  the tmpfs and no ``/proc``/``/sys``, that mapping reaches nothing else of the host.
 * **Network**: none (an empty network namespace: no interfaces but a down loopback).
 * **Processes**: a seccomp filter (kernel, not Python) refuses ``fork``, ``vfork`` and ``clone``
   without ``CLONE_THREAD`` (threads still work), ``clone3``, ``ptrace``, ``unshare``, ``setns``,
@@ -597,7 +602,7 @@ def _run_bwrap(program: str, *, mode: str, stdin: bytes, limits: SandboxLimits,
         disk = int(limits.disk_mb) * 1024 * 1024
         argv = [st["bwrap"], "--unshare-all", "--die-with-parent", "--new-session", "--as-pid-1",
                 "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID), "--hostname", "sandbox",
-                *st["view"], "--proc", "/proc", "--dev", "/dev",
+                *st["view"], "--dev", "/dev",  # no /proc: see the module docstring
                 "--size", str(disk), "--perms", "1777", "--tmpfs", _WORKDIR,
                 "--perms", "0444", "--file", str(prog_fd), prog_path,
                 "--perms", "0444", "--ro-bind-data", str(harness_fd), _HARNESS_PATH,

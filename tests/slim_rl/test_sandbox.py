@@ -36,7 +36,7 @@ def test_namespaces_and_view():
     probe = r'''
 import os, socket, sys
 print("uid", os.getuid(), os.getgid())
-print("pids", sorted(int(p) for p in os.listdir("/proc") if p.isdigit()))
+print("pids", os.getpid(), os.path.exists("/proc"), os.path.exists("/sys"))
 print("root", sorted(os.listdir("/")))
 print("env", sorted(os.environ))
 try:
@@ -57,10 +57,10 @@ print("cwd", os.getcwd(), os.access("/", os.W_OK), os.access(sys.executable, os.
     assert r.passed, r
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert out["uid"] == "65534 65534"
-    assert out["pids"] == "[1]"  # the program is PID 1 of its namespace: nothing of the host is visible
+    assert out["pids"] == "1 False False"  # PID 1 of its own namespace; no /proc or /sys at all
     root = set(eval(out["root"]))
     # the harness, the work dir, /proc, /dev and the directories holding the interpreter and its libraries
-    assert {".slim_harness.py", "tmp", "dev", "proc"} <= root and "work" not in root and "home" not in root, root
+    assert {".slim_harness.py", "tmp", "dev"} <= root and not {"work", "home", "proc", "sys"} & root, root
     assert eval(out["env"]) == ["HOME", "LANG", "PATH", "PWD", "TMPDIR"]  # nothing of the trainer's
     assert out["net"] == "no" and out["ifaces"] == "['lo']"
     for line in r.stdout.splitlines():
@@ -76,6 +76,17 @@ def test_only_the_work_directory_is_writable():
             "    try:\n        open(os.path.join(d, 'w'), 'w').close()\n        bad.append(d)\n"
             "    except OSError:\n        pass\n"
             "open('/dev/null', 'w').write('x')\nopen('/tmp/ok', 'w').write('x')\nprint(bad)")
+    r = run_python(prog, limits=FAST)
+    assert r.passed and r.stdout.strip() == "[]", r
+
+
+def test_no_host_kernel_settings_are_reachable():
+    # regression: as root the sandbox user is root outside, and a /proc/sys inside let it open host
+    # sysctls such as kernel.core_pattern for writing (only opened here, never written)
+    prog = ("import os\nok = []\nfor p in ('/proc/sys/kernel/core_pattern', '/proc/sys/vm/drop_caches',\n"
+            "          '/proc/sysrq-trigger', '/sys/kernel/uevent_helper', '/proc/1/mem'):\n"
+            "    try:\n        os.close(os.open(p, os.O_WRONLY))\n        ok.append(p)\n    except OSError:\n"
+            "        pass\nprint(ok)")
     r = run_python(prog, limits=FAST)
     assert r.passed and r.stdout.strip() == "[]", r
 

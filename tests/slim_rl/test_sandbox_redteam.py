@@ -20,7 +20,7 @@ import pytest
 from slim_rl.rewards import code_reward
 from slim_rl.sandbox import SandboxLimits, run_calls
 
-LIMITS = SandboxLimits(wall_s=4.0, cpu_s=2, memory_mb=256, output_bytes=1 << 20)
+LIMITS = SandboxLimits(wall_s=3.0, cpu_s=2, memory_mb=256, output_bytes=1 << 20)
 TOKEN = uuid.uuid4().hex
 SECRETS = [f"SLIMSECRET{uuid.uuid4().hex}" for _ in range(2)]
 TESTS = f"assert solve(3) == {SECRETS[0]!r}\nassert solve(4) == {SECRETS[1]!r}"
@@ -67,7 +67,7 @@ for root, dirs, files in os.walk("/"):
                 grab(fh.read(1 << 20))
         except OSError:
             pass
-for p in os.listdir("/proc"):
+for p in (os.listdir("/proc") if os.path.isdir("/proc") else []):
     for part in ("cmdline", "environ", "maps"):
         try:
             with open(f"/proc/{p}/{part}", "rb") as fh:
