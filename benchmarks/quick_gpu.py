@@ -839,6 +839,8 @@ def attn_decode_case(run: Run, case, S, seed):
 
 # --------------------------------------------------------------------------------------------------------------
 def main(args) -> int:
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references run in true fp32
+    torch.backends.cudnn.allow_tf32 = False
     run = Run(args)
     only = set(args.only.split(",")) if args.only else set(OPS)
     unknown = only - set(OPS)
