@@ -293,3 +293,26 @@ def test_searches_for_the_tests_run_to_the_end_and_find_nothing(name, monkeypatc
     assert res.complete and all(res.ok), res
     for v in res.values:
         assert isinstance(v, str) and not any(x in v for x in SECRETS), v
+
+
+STDIO_TESTS = {"inputs": ["3\n", "4\n"], "outputs": [SECRETS[0] + "\n", SECRETS[1] + "\n"]}
+STDIO_CONTROL = f"n = int(input())\nprint({SECRETS[0]!r} if n == 3 else {SECRETS[1]!r})"
+STDIO_ATTACKS = {
+    "exit_0_silent": "import sys\nsys.exit(0)",
+    "os__exit_0_silent": "import os\nos._exit(0)",
+    "print_input_back": "print(input())",
+    "print_stdin_and_env": "import os, sys\nprint(sys.stdin.read(), dict(os.environ))",
+    "scan_for_expected_output": ATTACKS["scan_everything"] + "\nprint(solve(0))",
+    "fork_and_print_later": ("import os, time\ntry:\n    if os.fork() == 0:\n        time.sleep(1)\n"
+                             "        print('late')\nexcept OSError:\n    pass"),
+    "flood_then_answer": "import sys\nsys.stdout.write('x' * (4 << 20))\nprint('done')",
+}
+
+
+@pytest.mark.parametrize("name", sorted(STDIO_ATTACKS))
+def test_stdio_attack_scores_zero(name, monkeypatch):
+    monkeypatch.setenv("SLIM_REDTEAM_SECRET", SECRETS[0])
+    before = _sandbox_pids()
+    rewards = code_reward([STDIO_ATTACKS[name], STDIO_CONTROL], [STDIO_TESTS, STDIO_TESTS], limits=LIMITS)
+    assert rewards == [0.0, 1.0], (name, rewards)
+    assert _sandbox_pids() - before == set()
