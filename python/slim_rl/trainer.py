@@ -26,6 +26,7 @@ comes from generators seeded by ``(seed, s)``, so a resumed run repeats an unint
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -48,7 +49,7 @@ from slim_rl.tasks import Example, make_task, pad_left
 __all__ = ["RolloutBatch", "Scorer", "Trainer", "TrainingError", "build_model", "noisy_stream_hidden", "seeded"]
 
 
-_PER_UNIT = ("clip_frac", "ratio_mean")
+_PER_UNIT = ("clip_frac", "ratio_mean", "clip_frac_delta")
 _PER_TOKEN = ("entropy",)
 _SLIM_ATTN = "slim_block_diffusion"  # slim_ops.integrations.hf.ATTN_NAME
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -248,7 +249,7 @@ class Trainer:
         self.step = 0            # RL steps done
         self.updates = 0         # optimizer steps done
         self.bad_streak = 0      # consecutive skipped (non-finite) updates
-        self.counters = {"train_rows": 0, "rollouts": 0, "train_tokens": 0, "skipped_updates": 0}
+        self.counters = {"train_rows": 0, "rollouts": 0, "train_tokens": 0, "skipped_updates_total": 0}
         self.out_dir = cfg.train.out_dir
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
         self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
@@ -258,6 +259,11 @@ class Trainer:
         self._last_saved = -1
         self._tb = None
         self.history: list[dict[str, Any]] = []
+        # objective.kl_reference=ref: a frozen copy of the model as RL starts (see init_reference)
+        self.ref_scorer: Scorer | None = None
+        if cfg.objective.kl_reference == "ref" and self.fsdp:
+            raise ConfigError("config: objective.kl_reference=ref needs dist.strategy=ddp (under fsdp the frozen "
+                              "reference would be a second unsharded model on every rank)")
 
     def _check_vocabulary(self) -> None:
         """The model's vocabulary must fit the task (else every response is unscorable: 0 training rows)."""
@@ -450,7 +456,7 @@ class Trainer:
         if kept.numel() == 0:
             return {"rows": 0, **info}
         # trim the canvas to the longest kept response, rounded up to whole blocks
-        L1 = int(batch.response_len[kept].max())
+        L1 = int(batch.response_len[kept].max()) + oc.post_tokens  # post_tokens: pads trained after EOS
         L1 = max(K, -(-L1 // K) * K)
         resp = batch.response_ids[kept][:, :L1]
         if resp.shape[1] < L1:
@@ -460,13 +466,19 @@ class Trainer:
             r = slim_ops.build_slim_rows(resp, lens, block_size=K, mask_id=self.mask_id, pad_id=self.pad_id,
                                          num_nodes=oc.num_nodes, spread=oc.spread, shape=oc.shape,
                                          decreasing=oc.decreasing, schedule_blocks=oc.schedule_blocks,
+                                         post_tokens=oc.post_tokens,
                                          generator=seeded(self.cfg.train.seed, step, "rows"))
+        elif oc.name == "random":
+            r = slim_ops.build_random_rows(resp, lens, block_size=K, mask_id=self.mask_id, pad_id=self.pad_id,
+                                           lower=oc.random_low, upper=oc.random_high, num_rows=oc.random_rows,
+                                           coupled=oc.coupled, post_tokens=oc.post_tokens,
+                                           generator=seeded(self.cfg.train.seed, step, "rows"))
         else:
             smap = batch.step_map[kept][:, :L1]
             if smap.shape[1] < L1:
                 smap = torch.nn.functional.pad(smap, (0, L1 - smap.shape[1]), value=-1)
             r = slim_ops.build_trace_rows(resp, smap, block_size=K, shrink=oc.shrink, mask_id=self.mask_id,
-                                          pad_id=self.pad_id, response_len=lens)
+                                          pad_id=self.pad_id, response_len=lens, post_tokens=oc.post_tokens)
         ridx = r.response_index
         Q = oc.num_nodes
         shared = oc.name == "slim" and oc.shared_clean and ridx.numel() == Q * kept.numel()
@@ -476,6 +488,32 @@ class Trainer:
                 "advantages": adv.advantages[kept][ridx], "L1": L1, "group": Q if shared else 1, **info,
                 "mean_abs_adv": float(adv.advantages[kept].abs().mean()),
                 "mask_ratio": float(r.loss_mask.float().sum(1).div(L1).mean())}  # |M| / L1 (SPEC §4.7)
+
+    # ------------------------------------------------------------------ frozen reference (kl_reference=ref)
+    def reference(self) -> Scorer:
+        """The frozen reference scorer: a copy of the model taken when first asked (the RL start)."""
+        if self.ref_scorer is None:
+            ref = copy.deepcopy(self.model).eval()
+            ref.requires_grad_(False)
+            self.ref_scorer = Scorer(ref, self.cfg.rollout.block_size)
+        return self.ref_scorer
+
+    def init_reference(self) -> None:
+        """``objective.kl_reference=ref``: at the RL start the model is copied and saved to
+        ``out_dir/reference`` (collective); a resumed run loads that copy instead."""
+        if self.cfg.objective.kl_reference != "ref" or self.ref_scorer is not None:
+            return
+        where = os.path.join(self.out_dir, "reference")
+        if self.step == 0:
+            self.claim_folder()
+            C.save_checkpoint(where, 0, self.reference().model, None, info=self.info)
+            return
+        saved = C.latest_checkpoint(where)
+        if saved is None:
+            raise C.CheckpointError(f"--resume: objective.kl_reference=ref but {where} holds no reference model")
+        model = copy.deepcopy(self.model)
+        C.load_weights(saved, model, info=self.info)
+        self.ref_scorer = Scorer(model.eval().requires_grad_(False), self.cfg.rollout.block_size)
 
     # ------------------------------------------------------------------ log-probs and loss
     @staticmethod
@@ -494,7 +532,7 @@ class Trainer:
         most = max(-(-units[q::W].numel() // per_micro) for q in range(W)) if units.numel() else 0
         return chunks + [None] * (max(most, 1 if self.info.active else 0) - len(chunks))
 
-    def _score(self, rows: dict[str, Any], idx: torch.Tensor, return_entropy: bool = False):
+    def _score(self, rows: dict[str, Any], idx: torch.Tensor, return_entropy: bool = False, scorer=None):
         """Packed log-probs of rows ``idx`` (whole groups when the clean stream is shared) through the
         (wrapped) scorer, and their [rows, L1] loss mask."""
         dev = self.device
@@ -508,20 +546,21 @@ class Trainer:
         if g > 1:
             noisy = noisy.view(first.numel(), g, -1)
         mask = take("loss_mask")
-        out = self.scorer(take("prompt", first), take("prompt_pad", first), take("clean", first), noisy,
-                          take("clean"), mask, return_entropy)
+        out = (scorer or self.scorer)(take("prompt", first), take("prompt_pad", first), take("clean", first),
+                                      noisy, take("clean"), mask, return_entropy)
         return out, mask
 
     @torch.no_grad()
-    def _logp_old(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[rows, L1] fp32 log-probs under the current θ (0 off the loss mask); rows split over ranks."""
+    def _logp_old(self, rows: dict[str, torch.Tensor], scorer: Scorer | None = None) -> torch.Tensor:
+        """[rows, L1] fp32 log-probs under the current θ (or ``scorer``'s model: the frozen reference), 0 off
+        the loss mask; rows split over ranks."""
         n, L1, g = rows["rows"], rows["L1"], rows["group"]
         out = torch.zeros(n, L1)
         units = torch.arange(n // g)
         mine: list[torch.Tensor] = []
         for chunk in self._plan(units, max(1, self.cfg.optim.micro_batch_rows // g)):
             idx = self._rows_of(units[:1] if chunk is None else chunk, g)
-            lp, mask = self._score(rows, idx)
+            lp, mask = self._score(rows, idx, scorer=scorer)
             if chunk is None:
                 continue  # a filler forward (FSDP2 needs every rank in every all-gather)
             dense = torch.zeros(idx.numel(), L1, device=lp.device).masked_scatter(mask, lp.float())
@@ -534,7 +573,7 @@ class Trainer:
                 out[r_idx] = vals
         return out
 
-    def _loss(self, rows, idx, logp_old, scale: float):
+    def _loss(self, rows, idx, logp_old, scale: float, logp_ref=None):
         oc = self.cfg.objective
         (lp, ent), mask = self._score(rows, idx, return_entropy=True)
         adv = rows["advantages"][idx].to(self.device)
@@ -546,7 +585,9 @@ class Trainer:
             kw = dict(level="token", clip_token=oc.clip_token)
             w = torch.ones_like(w)
         kw.update(kl_coef=oc.kl_coef, kl_estimator=oc.kl_estimator, response_len=rows["L1"],
-                  block_size=self.cfg.rollout.block_size)
+                  block_size=self.cfg.rollout.block_size, clip_delta=oc.clip_delta or None,
+                  loss_agg=None if oc.loss_agg == "spec" else oc.loss_agg,
+                  kl_reference=None if logp_ref is None else logp_ref[idx].to(self.device))
         dense = torch.zeros(mask.shape, dtype=torch.float32, device=lp.device).masked_scatter(mask, lp)
         loss, metrics = slim_ops.slim_policy_loss(dense, old, mask, adv, w, **kw)
         metrics["entropy"] = ent.detach().sum() / max(ent.numel(), 1)
@@ -601,6 +642,8 @@ class Trainer:
             return rec
         n = rows["rows"]
         logp_old = self._logp_old(rows)
+        logp_ref = self._logp_old(rows, self.reference()) if self.cfg.objective.kl_reference == "ref" else None
+        token_mean = self.cfg.objective.loss_agg == "token-mean"
         W = self.info.world
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norms: list[float] = []
@@ -624,8 +667,11 @@ class Trainer:
                     idx = self._rows_of(mb[:1] if chunk is None else chunk, grp)
                     # DDP / FSDP average over ranks: x W makes the sum over ranks the global-batch gradient
                     scale = 0.0 if chunk is None else idx.numel() / B_mb * W
+                    if token_mean and chunk is not None:  # the loss is a mean over the minibatch's tokens
+                        tok_mb = rows["loss_mask"][self._rows_of(mb, grp)].sum().clamp_min(1)
+                        scale = float(rows["loss_mask"][idx].sum() / tok_mb) * W
                     with self._accumulating(sync=j == len(plan) - 1):
-                        loss, metrics, ntok, units = self._loss(rows, idx, logp_old, scale)
+                        loss, metrics, ntok, units = self._loss(rows, idx, logp_old, scale, logp_ref)
                     if chunk is None:
                         continue
                     part = {"loss": float(loss), **{k: float(v) for k, v in metrics.items() if k != "masked_count"}}
@@ -652,7 +698,7 @@ class Trainer:
         if grad_norms:  # identical on every rank (gradients are reduced before clipping)
             rec["grad_norm"] = sum(grad_norms) / len(grad_norms)
         rec["skipped_updates"] = skipped
-        self.counters["skipped_updates"] += skipped
+        self.counters["skipped_updates_total"] += skipped
         rec["lr"] = oc.lr * _lr_factor(self.cfg, max(self.updates - 1, 0), total_updates)
         rec["mask_ratio"] = rows["mask_ratio"]
         rec["mean_abs_advantage"] = rows["mean_abs_adv"]
@@ -743,8 +789,8 @@ class Trainer:
     def _check_streak(self) -> None:
         limit = self.cfg.train.max_skipped_updates
         if self.bad_streak >= limit:
-            raise TrainingError(f"training stopped at RL step {self.step}: {self.bad_streak} consecutive updates "
-                                f"had a non-finite loss or gradient norm and were skipped (train.max_skipped_"
+            raise TrainingError(f"training stopped at RL step {self.step}: the last {self.bad_streak} updates "
+                                f"in a row had a non-finite loss or gradient norm and were skipped (train.max_skipped_"
                                 f"updates={limit}); the last checkpoint holds finite weights — lower optim.lr "
                                 f"or check the objective settings")
 
@@ -758,6 +804,7 @@ class Trainer:
             self.resume()
         if not self.overwrite:
             self.claim_folder()
+        self.init_reference()
         show = tc.progress if progress is None else progress
         bar = None
         if show and self.info.is_main:
