@@ -12,7 +12,9 @@ from slim_ops.ops.tau_budget.reference import random_rank, select_row_ref, slot_
 from slim_ops.ops.tau_budget.torch_impl import slot_pass_torch
 from slim_ops.testing import assert_close
 
-BACKENDS = ["torch", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
+# triton runs through the interpreter on the CPU (tests/conftest.py); cpp where the C++ extension is built
+BACKENDS = ["torch", "triton"] + [b for b in ("cpp", "cuda") if b in slim_ops.available_backends(
+    "cuda" if torch.cuda.is_available() else "cpu")]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NEW = ["entropy_bounded", "factor", "random"]
 
