@@ -351,9 +351,12 @@ def test_triton_sampling_tile_skip_late_winner(T):
         logits[r, j, a] = 0.0
         logits[r, j, b] = T * (float(g[r, j, a] - g[r, j, b]) + (1e-3 if s % 2 == 0 else -1e-3))
     logits[1, 2, BV + 5] = float("nan")  # a NaN in a skipped middle tile still invalidates the slot
+    logits[1, 1, BV + 7] = float("inf")  # so does +inf
+    logits[1, 0, :BV] = float("-inf")  # nothing to beat in the first tile: the best starts at -inf
     block = torch.full((R, K), 0)
     ref = tau_budget_step_ref(logits, block, 0, temperature=T, seed=seed)
-    assert ref[2][0, 0].item() >= last and ref[2][0, 1].item() < BV and ref[2][1, 2].item() == 0
+    assert ref[2][0, 0].item() >= last and ref[2][0, 1].item() < BV and ref[2][1, 0].item() >= last
+    assert ref[2][1, 1].item() == 0 and ref[2][1, 2].item() == 0
     out = slim_ops.tau_budget_step(logits.to(DEV), block.to(DEV), 0, temperature=T,
                                    generator=torch.Generator().manual_seed(7), backend="triton")
     _compare_step(out, ref)
