@@ -226,12 +226,17 @@ def launch_specialisation(spec: AotSpec) -> tuple[dict[str, str], dict[str, Any]
             specialise = not (p is not None and p.do_not_specialize)
             align = not (p is not None and p.do_not_specialize_on_alignment)
             kind, attr = native_specialize_impl(CUDABackend, int(spec.ints[name]), False, specialise, align)
+            annotated = getattr(p, "annotation_type", None) if p is not None else None
+            if isinstance(annotated, str) and annotated:  # an annotated argument keeps its type (as at launch)
+                kind = annotated
+                if annotated == "u1" or annotated[:2] in ("fp", "bf"):
+                    attr = None
             if kind == "constexpr":
                 sig[name] = "constexpr"
                 consts[name] = attr
             else:
                 sig[name] = kind
-                if attr:
+                if isinstance(attr, str) and attr:
                     attrs[(i,)] = CUDABackend.parse_attr(attr)
     return sig, consts, attrs
 
