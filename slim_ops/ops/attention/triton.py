@@ -531,14 +531,15 @@ def supported_head_dims() -> tuple[int, ...]:
 
 
 # (kind, D) -> tiles, chosen from the sm_90a compile (python -m slim_ops._aot): every tensor-core product is a
-# wgmma of N >= 32 per warpgroup, and no configuration spills. With 8 warps and a 64-row M tile Triton splits
-# N over the two warpgroups, so the backward kernels use 64-wide N tiles (dK/dV: N = BM query rows; dQ: N = BN).
+# wgmma of N >= 32, no configuration spills, and the two warpgroups of 8 warps split M (each owns 64 whole rows:
+# a 64-row M tile would split N between them, whose softmax / dS operands then cross warpgroups through shared
+# memory with ~5 more barriers per iteration). dK/dV: M = BN keys, N = BM query rows (32); dQ: M = BM, N = BN.
 _GPU_CONFIGS: dict[tuple[str, int], dict[str, int]] = {
     ("fwd", 128): {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-    ("dkdv", 128): {"BM": 64, "BN": 64, "num_warps": 8, "num_stages": 2},
-    ("dq", 128): {"BM": 64, "BN": 64, "num_warps": 8, "num_stages": 2},
+    ("dkdv", 128): {"BM": 32, "BN": 128, "num_warps": 8, "num_stages": 3},
+    ("dq", 128): {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 2},
     ("fwd", 64): {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-    ("dkdv", 64): {"BM": 64, "BN": 64, "num_warps": 8, "num_stages": 2},
+    ("dkdv", 64): {"BM": 32, "BN": 128, "num_warps": 8, "num_stages": 2},
     ("dq", 64): {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2},
 }
 # decode: M tile = the packed G·Lq rows (64 or 128; wgmma needs M = 64 per warpgroup)
