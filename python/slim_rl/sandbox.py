@@ -4,6 +4,11 @@ Isolation (one ``bwrap`` process per run, :func:`run_python` / :func:`run_calls`
 
 * **Namespaces**: new user, PID, mount, network, IPC, UTS and cgroup namespaces (``--unshare-all``);
   the program runs as uid/gid 65534 inside with no capabilities, ``--new-session``, ``--die-with-parent``.
+  A root trainer starts bwrap as uid 65534 too (so the sandbox is not root on the host and
+  ``RLIMIT_NPROC`` binds) whenever that user can reach bwrap, the interpreter and everything bound
+  (checked, then probed); otherwise (e.g. an interpreter under ``/root``) bwrap runs as root and maps the
+  sandbox user onto root, with a warning naming ``SLIM_RL_SANDBOX_PYTHON`` (an interpreter any user can
+  run, e.g. ``/usr/bin/python3``) as the way out.
 * **File system**: a fresh read-only root holding only the interpreter binary, its standard library
   (``site-packages`` masked by an empty tmpfs) and the shared libraries ``ldd`` lists for them, plus a
   minimal ``/dev``; the working directory is a size-limited tmpfs (``/tmp``) that disappears with the
@@ -65,7 +70,6 @@ import signal
 import struct
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -79,6 +83,7 @@ log = logging.getLogger("slim_rl.sandbox")
 
 UNSANDBOXED_ENV = "SLIM_RL_UNSANDBOXED"
 BWRAP_ENV = "SLIM_RL_BWRAP"
+PYTHON_ENV = "SLIM_RL_SANDBOX_PYTHON"
 _SANDBOX_UID = 65534
 _WORKDIR = "/tmp"
 _HARNESS_PATH = "/.slim_harness.py"
@@ -370,7 +375,35 @@ def _find_bwrap() -> str | None:
 
 
 def _interpreter() -> str:
-    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    """The interpreter sandboxed programs run on: ``SLIM_RL_SANDBOX_PYTHON`` or this one's base."""
+    return os.path.realpath(os.environ.get(PYTHON_ENV) or getattr(sys, "_base_executable", None)
+                            or sys.executable)
+
+
+_PATHS_PROBE = (
+    "import json, os, sys, sysconfig\n"
+    "b = sys.base_prefix\n"
+    "p = sysconfig.get_paths(vars={'base': b, 'platbase': b, 'installed_base': b, 'installed_platbase': b})\n"
+    "print(json.dumps({k: os.path.realpath(p[k]) for k in ('stdlib', 'platstdlib', 'purelib', 'platlib')}))\n")
+
+
+def _world_reachable(path: str, want: int) -> bool:
+    """True when any user can reach ``path`` (every directory above searchable) and has ``want`` on it."""
+    import stat
+
+    path = os.path.realpath(path)
+    try:
+        if not os.stat(path).st_mode & want:
+            return False
+        d = os.path.dirname(path)
+        while True:
+            if not os.stat(d).st_mode & stat.S_IXOTH:
+                return False
+            if d == os.path.dirname(d):
+                return True
+            d = os.path.dirname(d)
+    except OSError:
+        return False
 
 
 def _ldd(paths: list[str]) -> set[str]:
@@ -387,13 +420,15 @@ def _ldd(paths: list[str]) -> set[str]:
     return libs
 
 
-def _view() -> list[str]:
-    """bwrap arguments giving a read-only view of the interpreter, its stdlib and their libraries."""
-    py = _interpreter()
-    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_prefix,
-                                      "installed_base": sys.base_prefix, "installed_platbase": sys.base_prefix})
-    stdlib = {os.path.realpath(paths["stdlib"]), os.path.realpath(paths["platstdlib"])}
-    dyn = os.path.join(os.path.realpath(paths["platstdlib"]), "lib-dynload")
+def _view(py: str) -> tuple[list[str], list[str]]:
+    """(bwrap arguments giving a read-only view of the interpreter ``py``, its stdlib and their libraries;
+    the paths bound)."""
+    r = subprocess.run([py, "-I", "-S", "-c", _PATHS_PROBE], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise SandboxUnavailable(f"sandbox: the interpreter {py} does not run: {r.stderr.strip()[-300:]}")
+    paths = json.loads(r.stdout)
+    stdlib = {paths["stdlib"], paths["platstdlib"]}
+    dyn = os.path.join(paths["platstdlib"], "lib-dynload")
     skip = ("_tkinter", "_curses", "readline", "_gdbm", "_dbm", "nis")  # GUI / terminal / db bindings
     exts = [os.path.join(dyn, f) for f in sorted(os.listdir(dyn)) if not f.startswith(skip)] \
         if os.path.isdir(dyn) else []
@@ -401,18 +436,37 @@ def _view() -> list[str]:
     if not libs:  # no ldd: the usual library directories
         libs = {d for d in ("/lib", "/lib64", "/usr/lib", "/usr/lib64") if os.path.isdir(d)}
     args: list[str] = []
+    bound: list[str] = []
     binds = sorted(stdlib | libs | {py})
     for src in binds:
         if any(src != d and src.startswith(d + os.sep) for d in binds):
             continue  # already inside a bound directory
         args += ["--ro-bind", src, src]
+        bound.append(src)
     for sp in {paths["purelib"], paths["platlib"]}:
-        sp = os.path.realpath(sp)
         if os.path.isdir(sp) and any(sp.startswith(d + os.sep) for d in stdlib):
             args += ["--tmpfs", sp, "--remount-ro", sp]  # hide third-party packages next to the stdlib
     if os.path.exists("/etc/ld.so.cache"):
         args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    return args
+    return args, bound
+
+
+def _unprivileged_ok(bwrap: str, bound: list[str]) -> str | None:
+    """None when an unprivileged user can run ``bwrap`` and read everything bound, else what it cannot."""
+    import stat
+
+    rx = stat.S_IROTH | stat.S_IXOTH
+    for path in [bwrap, *sorted(_ldd([bwrap]))]:
+        if not _world_reachable(path, rx if path == bwrap else stat.S_IROTH):
+            return path
+    for path in bound:
+        probe = os.path.join(path, "os.py") if os.path.isdir(path) else path
+        if not os.path.exists(probe):
+            probe = path
+        if not _world_reachable(path, rx if os.path.isdir(path) else stat.S_IROTH) or \
+                not _world_reachable(probe, stat.S_IROTH):
+            return path
+    return None
 
 
 def _bwrap_usable(bwrap: str) -> str | None:
@@ -436,21 +490,44 @@ def _state() -> dict[str, Any]:
         why = None if bwrap else "no bwrap found"
         if bwrap and why is None:
             why = _bwrap_usable(bwrap)
+        bound: list[str] = []
         if why is None:
             try:
-                _setup["view"] = _view()
+                _setup["view"], bound = _view(_interpreter())
                 _setup["seccomp"] = _seccomp_program()
-            except SandboxUnavailable as e:
+            except (SandboxUnavailable, OSError, ValueError, subprocess.SubprocessError) as e:
                 why = str(e)
         _setup["bwrap"] = bwrap if why is None else None
         _setup["why"] = why
-        if why is None:  # a real run: namespaces may still be forbidden here
-            try:
-                res = _run_bwrap("print('ok')", mode="stdio", stdin=b"", limits=SandboxLimits(wall_s=30, cpu_s=10))
-                bad = None if res.returncode == 0 and res.stdout.strip() == "ok" else \
-                    f"rc={res.returncode} {res.stderr.strip()[:500]}"
-            except OSError as e:
-                bad = str(e)
+        _setup["run_as"] = None
+        if why is None:
+            # As root, run bwrap as an unprivileged user when it can reach everything it binds: the
+            # sandbox is then not root outside its namespace and RLIMIT_NPROC binds. Otherwise (e.g. an
+            # interpreter under /root) bwrap runs as root and maps the sandbox user onto root.
+            candidates: list[int | None] = [None]
+            if os.geteuid() == 0:
+                blocked = _unprivileged_ok(bwrap, bound)
+                if blocked is None:
+                    candidates = [_SANDBOX_UID, None]
+                else:
+                    log.warning("sandbox: %s is not reachable by an unprivileged user, so the sandbox user is "
+                                "root outside its namespace (no capabilities, nothing writable but its tmpfs); "
+                                "set %s to an interpreter every user can run (e.g. /usr/bin/python3) to avoid "
+                                "it", blocked, PYTHON_ENV)
+            bad = None
+            for run_as in candidates:  # a real run: namespaces may still be forbidden here
+                _setup["run_as"] = run_as
+                try:
+                    res = _run_bwrap("print('ok')", mode="stdio", stdin=b"",
+                                     limits=SandboxLimits(wall_s=30, cpu_s=10))
+                    bad = None if res.returncode == 0 and res.stdout.strip() == "ok" else \
+                        f"rc={res.returncode} {res.stderr.strip()[:500]}"
+                except OSError as e:
+                    bad = str(e)
+                if bad is None:
+                    break
+                if run_as is not None:
+                    log.warning("sandbox: bwrap cannot run as uid %d here (%s); running it as root", run_as, bad)
             if bad is not None:
                 _setup["bwrap"] = None
                 _setup["why"] = f"{bwrap} could not start a sandbox (namespaces not permitted?): {bad}"
@@ -458,7 +535,8 @@ def _state() -> dict[str, Any]:
 
 
 def sandbox_available() -> tuple[bool, str]:
-    """(True, path of bwrap) when sandboxed runs work here, else (False, the reason)."""
+    """(True, path of bwrap) when sandboxed runs work here, else (False, the reason). The first call
+    probes (a real sandboxed run) and the answer is kept for the process."""
     st = _state()
     return (True, st["bwrap"]) if st["bwrap"] else (False, st["why"])
 
@@ -617,8 +695,10 @@ def _run_bwrap(program: str, *, mode: str, stdin: bytes, limits: SandboxLimits,
                 "--setenv", "TMPDIR", _WORKDIR, "--setenv", "LANG", "C.UTF-8",
                 "--", py, "-I", "-S", "-B", _HARNESS_PATH, *hargs]
         t0 = time.monotonic()
+        run_as = st.get("run_as")
+        ids = {"user": run_as, "group": run_as, "extra_groups": []} if run_as is not None else {}
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=fds, close_fds=True, start_new_session=True, env={})
+                                pass_fds=fds, close_fds=True, start_new_session=True, env={}, **ids)
         for fd in fds:
             os.close(fd)
         fds = []

@@ -9,6 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
+import threading
+import time
 
 import pytest
 
@@ -190,6 +193,48 @@ def test_decode_value_is_strict():
         deep = [deep]
     with pytest.raises(ValueError, match="deeply"):
         decode_value(deep)
+
+
+def _outer_uids_of_a_running_sandbox() -> set[int]:
+    """Start a sleeping sandbox in a thread and read the host uids of its processes."""
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.setdefault("r", run_python("import time\ntime.sleep(2)", limits=FAST)))
+    th.start()
+    uids: set[int] = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and th.is_alive() and not uids:
+        time.sleep(0.05)
+        for d in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b".slim_harness.py" not in f.read():
+                        continue
+                with open(f"/proc/{d}/status") as f:
+                    uids |= {int(line.split()[1]) for line in f if line.startswith("Uid:")}
+            except OSError:
+                continue
+    th.join()
+    assert box["r"].passed, box
+    return uids
+
+
+def test_as_root_bwrap_runs_as_an_unprivileged_user_when_it_can(monkeypatch):
+    """With an interpreter every user can reach, the sandbox is uid 65534 on the host too (not root)."""
+    if os.geteuid() != 0:
+        assert _outer_uids_of_a_running_sandbox() == {os.geteuid()}
+        return
+    py = next((p for p in (sb._interpreter(), "/usr/bin/python3", "/usr/local/bin/python3")
+               if os.path.exists(p) and sb._world_reachable(p, stat.S_IXOTH)), None)
+    if py is None:
+        pytest.skip("no interpreter here that an unprivileged user can run")
+    monkeypatch.setenv(sb.PYTHON_ENV, py)
+    monkeypatch.setattr(sb, "_setup", {})
+    assert sb.sandbox_available()[0] and sb._setup["run_as"] == 65534, sb._setup.get("why")
+    assert _outer_uids_of_a_running_sandbox() == {65534}
+    res = run_calls("import threading, time\ndef f(n):\n    ts = [threading.Thread(target=time.sleep, args=(1,))"
+                    " for _ in range(n)]\n    [t.start() for t in ts]\n    return n", ["f(4)", "f(40)"],
+                    limits=SandboxLimits(max_procs=16))
+    assert res.complete and res.ok == [True, False]  # RLIMIT_NPROC binds threads
 
 
 def test_refuses_without_isolation_unless_asked(monkeypatch, caplog):
