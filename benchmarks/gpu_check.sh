@@ -6,7 +6,8 @@
 #              (pip --no-build-isolation, CMake + Ninja if pip fails). A failed build skips the CUDA backend
 #              with the reason recorded (summary.json: cuda_backend); nothing else stops.
 #   1 (180 s)  benchmarks/quick_gpu.py: every kernel at one real size vs its reference.py (rel err, NaN never
-#              passes, poisoned outputs, fresh random inputs) and timed with its baselines in the same process.
+#              passes, poisoned outputs, fresh random inputs) and timed with its baselines in the same process;
+#              one process per op, so a fatal device error in one kernel keeps the other ops' evidence.
 #   2 (180 s)  pytest -m gpu without -x, per-test timeout (pytest-timeout; faulthandler dumps if it is missing),
 #              compile-heavy tests (torch.compile / opcheck) last.
 #   3 (420 s)  only with --stage3, as a second call: FlexAttention and torch.compile baselines.
@@ -30,6 +31,7 @@
 #                      reason, no build); the test-suite runs it (tests/test_gpu_check.py), so it cannot rot.
 #          --stage3    stages 0 and 3 only.       --stages "0 1 2"   any subset, in order.
 # Env: OUT (default runs/gpu_check), GIT_SHA, PYTHON (default python3), PER_TEST_TIMEOUT (s, default 60).
+# Missing Python packages can travel as wheels in .whl/ (carry it); they are installed to /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
@@ -41,7 +43,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --stage3) STAGES="0 3" ;;
     --stages) shift; STAGES=${1:-} ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_check.sh: error: unknown argument '$1' (use --dry-run, --stage3, --stages LIST)" >&2; exit 2 ;;
   esac
   shift
@@ -255,7 +257,9 @@ PY
   if [ "$DRY" = 1 ]; then
     reason="dry run on the CPU: the CUDA backend needs a GPU (not built, not exercised)"
   else
-    SLIM_OPS_CUDA=ON SLIM_OPS_CUDA_ARCHS="compute_90a,sm_90a" run_step build_pip $((deadline - $(date +%s) - 5)) \
+    local pip_budget=$((deadline - $(date +%s) - 20))  # leave the CMake fallback at least 20 s
+    [ $pip_budget -gt 40 ] && pip_budget=40
+    SLIM_OPS_CUDA=ON SLIM_OPS_CUDA_ARCHS="compute_90a,sm_90a" run_step build_pip $pip_budget \
       "$PY" -m pip install -q --no-build-isolation --no-deps -e .
     rc=$?
     if [ $rc = 0 ] && "$PY" -c "import slim_ops._C" 2>>"$LOGDIR/build_pip.log"; then

@@ -202,8 +202,11 @@ class Run:
                         traceback=traceback.format_exc()[-3000:])
             records = [case]
         if self.dev == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as exc:  # noqa: BLE001 - a sticky device error: record it with this case
+                records[-1].update(correct=False, error=records[-1].get("error") or f"{type(exc).__name__}: {exc}")
         for rec in records:
             rec.setdefault("baselines", {})
             rec.setdefault("ms", None)
