@@ -224,6 +224,7 @@ _SAFE_FUNCS["range"] = _range
 _MATH_ATTRS = {"isclose", "isnan", "isinf", "isfinite", "fabs", "sqrt", "floor", "ceil", "pi", "e", "inf", "nan",
                "tau", "log", "log2", "log10", "exp", "pow", "gcd", "prod", "hypot", "trunc", "copysign"}
 _BUILTIN_NAMES = frozenset(dir(builtins))
+_MATERIALISE = frozenset({"list", "tuple", "set", "frozenset", "sorted", "dict"})
 _SEQ_CAP = 1_000_000  # longest sequence / digit count the parent will build from a repetition or power
 
 
@@ -329,6 +330,9 @@ class _Splitter:
             return ast.Slice(lower=part(node.lower), upper=part(node.upper), step=part(node.step))
         if isinstance(node, ast.Call):
             f = node.func
+            if isinstance(f, ast.Name) and f.id in _MATERIALISE and f.id not in p.env and self.free_names(node):
+                # list(map(f, xs)), sorted(gen()): iterators cannot come back as data, their contents can
+                return self.leaf(node)
             safe = (isinstance(f, ast.Name) and (f.id in _SAFE_FUNCS or f.id in p.math_funcs)
                     and f.id not in p.env) or (isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
                                                and f.value.id in p.math_names and f.attr in _MATH_ATTRS)

@@ -147,6 +147,15 @@ def test_expected_values_and_verdicts_stay_out_of_the_sandbox():
     assert code_reward([forged, ok], [tests] * 2) == [0.0, 1.0]
 
 
+def test_iterators_are_materialised_in_the_sandbox():
+    tests = "assert list(map(inc, [1, 2])) == [2, 3]\nassert sorted(gen(3)) == [0, 1, 2]\nassert set(gen(2)) == {0, 1}"
+    plan = parse_tests(tests)
+    assert plan.calls == ["list(map(inc, [1, 2]))", "sorted(gen(3))", "set(gen(2))"]
+    ok = "def inc(x):\n    return x + 1\ndef gen(n):\n    yield from reversed(range(n))"
+    bad = "def inc(x):\n    return x\ndef gen(n):\n    yield from range(n)"
+    assert code_reward([ok, bad], [tests] * 2) == [1.0, 0.0]
+
+
 def test_code_reward_checks_its_arguments():
     with pytest.raises(ValueError, match="2 responses but 1 test"):
         code_reward(["a", "b"], ["assert f() == 1"])
