@@ -12,6 +12,16 @@ GPU (bf16, Hq=32, Hkv=8, D=128 at (L0, L1, K) = (300, 256, 16), (1024, 1024, 16)
   triton         slim_ops' Triton kernels (no mask tensor, fully masked tiles skipped)
 forward and forward+backward; peak memory of each.
 
+Decode layout (BlockLayout.decode: Lq = K = 16 new slots over a KV cache of ragged length — left pads of a
+different length per row —, the rollout hot path; forward only, as in generation):
+  GPU (bf16, R=256 rows × cache 572 and R=4 × cache 4096 (split-KV), Hq=32, Hkv=8, D=128):
+    sdpa_dense      SDPA with the dense boolean mask, K/V repeated to Hq heads (what HF does with a mask)
+    sdpa_gqa        SDPA with enable_gqa and the key-padding mask broadcast over rows (no repeat)
+    triton_general  slim_ops' training forward kernel (one query head per program, 128-row tiles)
+    triton_decode   slim_ops' decode kernel (the G·Lq rows of a KV head packed into one tile, split-KV)
+  CPU (fp32, R=4 × cache 140, Hq=8, Hkv=2, D=64; label CPU): sdpa_dense, sdpa_gqa and the torch backend.
+  ``--interpret`` adds the Triton paths through the interpreter (a functional check, not a speed figure).
+
 FLOPs are counted on allowed pairs only: P = Σ_b allowed(q, k) pairs (BlockLayout.allowed_pairs()),
   forward FLOPs      = 4 · D · Hq · P              (Q·Kᵀ and P·V, 2 FLOPs per multiply-add)
   fwd+bwd FLOPs      = 4 · D · Hq · P · 3.5        (backward: 5 matmuls = 2.5 × forward)
@@ -34,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+if "--interpret" in sys.argv:  # before slim_ops imports triton kernels (read at decoration time)
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from benchmarks.common import metadata, peak_memory_mb, peak_memory_reset, time_fn, write_json  # noqa: E402
 from slim_ops import BlockLayout, block_diffusion_attention  # noqa: E402
@@ -106,9 +118,84 @@ def bench_cpu(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    B, Hq, Hkv, D = args.B or 1, args.Hq or 8, args.Hkv or 2, args.D or 64
-    results = [_bench_cpu_shape(args, gen, B, Hq, Hkv, D, L0, L1, K) for L0, L1, K in [(300, 256, 16)]]
+    results = []
+    if args.layouts in ("all", "train"):
+        B, Hq, Hkv, D = args.B or 1, args.Hq or 8, args.Hkv or 2, args.D or 64
+        results += [_bench_cpu_shape(args, gen, B, Hq, Hkv, D, L0, L1, K) for L0, L1, K in [(300, 256, 16)]]
+    if args.layouts in ("all", "decode"):
+        R, Hq, Hkv, D = args.B or 4, args.Hq or 8, args.Hkv or 2, args.D or 64
+        results.append(_bench_decode_shape(args, gen, "cpu", torch.float32, R, Hq, Hkv, D, 140, 16))
     return {"meta": metadata(dev), "bench": "attention", "results": results}
+
+
+def _ragged_cache_pad(R: int, ell: int, gen: torch.Generator) -> torch.Tensor:
+    """Left pads of a different length per row (prompts of different lengths in one rollout batch)."""
+    n = torch.randint(0, max(1, ell // 2), (R,), generator=gen)
+    return torch.arange(ell)[None, :] < n[:, None]
+
+
+def _bench_decode_shape(args, gen, dev: str, dtype: torch.dtype, R: int, Hq: int, Hkv: int, D: int, ell: int,
+                        K: int) -> dict:
+    """One decode step: K new queries of R rows against a cache of ℓ (ragged: left pads) + the K new keys."""
+    from slim_ops.ops.attention import triton as T
+
+    G = Hq // Hkv
+    pad = _ragged_cache_pad(R, ell, gen).to(dev)
+    lay = BlockLayout.decode(ell, K, cache_pad=pad)
+    Lk = lay.num_keys
+    mask = lay.dense_mask()[:, None]  # [R, 1, K, Lk]
+    key_ok = ~lay.key_padding()[:, None, None, :]  # [R, 1, 1, Lk]: decode = every pair but the pad keys
+    q = torch.randn(R, Hq, K, D, generator=gen).to(dev, dtype)
+    k = torch.randn(R, Hkv, Lk, D, generator=gen).to(dev, dtype)
+    v = torch.randn(R, Hkv, Lk, D, generator=gen).to(dev, dtype)
+    scale = 1.0 / D**0.5
+    u8, fv = pad.to(torch.uint8), lay.first_valid()
+
+    def sdpa_dense(a, b, c):
+        return F.scaled_dot_product_attention(a, b.repeat_interleave(G, 1), c.repeat_interleave(G, 1),
+                                              attn_mask=mask)
+
+    def sdpa_gqa(a, b, c):
+        return F.scaled_dot_product_attention(a, b, c, attn_mask=key_ok, enable_gqa=True)
+
+    def triton_path(path):
+        def run(a, b, c):
+            return T.bda_fwd(a, b, c, u8, fv, lay.prompt_len, lay.response_len, K, lay.q_start, scale, path=path)[0]
+        return run
+
+    cands = [("sdpa_dense", sdpa_dense), ("sdpa_gqa", sdpa_gqa)]
+    if dev == "cpu":
+        cands.append(("torch_backend", lambda a, b, c: block_diffusion_attention(a, b, c, lay, backend="torch")))
+    if dev == "cuda" or args.interpret:
+        cands += [("triton_general", triton_path("general")), ("triton_decode", triton_path("decode"))]
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(G, 1),
+                                             v.float().repeat_interleave(G, 1), attn_mask=mask)
+        errs = {name: (fn(q, k, v).float() - ref).abs().max().item() for name, fn in cands}
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"decode correctness gate failed (max|diff| vs fp32): {bad}"
+    P = int(lay.allowed_pairs().sum())
+    fl = 4 * D * Hq * P
+    reps = args.reps or (20 if dev == "cuda" else 30)
+    runs = []
+    for name, fn in cands:
+        call = _fwd_only(fn, q, k, v)
+        slow = name.startswith("triton") and dev == "cpu"  # the interpreter: one timed run is plenty
+        runs.append(_record(f"{name}_fwd", time_fn(call, dev, warmup=1, reps=1 if slow else reps), fl, dev,
+                            {"flops_formula": "4*D*Hq*allowed_pairs", "interpreter": slow}))
+    by = {r["name"]: r["median_ms"] for r in runs}
+    speedups = {}
+    if "triton_decode_fwd" in by and dev == "cuda":
+        speedups = {f"triton_decode_vs_{b}": by[f"{b}_fwd"] / by["triton_decode_fwd"]
+                    for b in ("sdpa_dense", "sdpa_gqa", "triton_general")}
+    shape = {"layout": "decode", "R": R, "B": R, "Hq": Hq, "Hkv": Hkv, "D": D, "L0": ell, "L1": K, "K": K,
+             "N": Lk, "cache_len": ell, "allowed_pairs": P, "dense_pairs": R * K * Lk,
+             "dtype": str(dtype).removeprefix("torch.")}
+    out = {"shape": shape, "max_abs_diff_vs_fp32": errs, "runs": runs}
+    if speedups:
+        out["speedups"] = speedups
+    return out
 
 
 def _bench_cpu_shape(args, gen, B, Hq, Hkv, D, L0, L1, K) -> dict:
@@ -171,8 +258,15 @@ def bench_cuda(args) -> dict:
     payload = {"meta": metadata(dev), "bench": "attention", "results": []}
     partial = os.path.join(args.out, "attention_cuda_inprogress.json")
     os.makedirs(args.out, exist_ok=True)
-    for (L0, L1, K), B in shapes:
-        payload["results"].append(_bench_cuda_shape(args, gen, flex, B, Hq, Hkv, D, L0, L1, K))
+    jobs = []
+    if args.layouts in ("all", "decode"):
+        jobs += [lambda R=R, ell=ell: _bench_decode_shape(args, gen, dev, torch.bfloat16, R, Hq, Hkv, D, ell, 16)
+                 for R, ell in ((256, 572), (4, 4096))]
+    if args.layouts in ("all", "train"):
+        jobs += [lambda L0=L0, L1=L1, K=K, B=B: _bench_cuda_shape(args, gen, flex, B, Hq, Hkv, D, L0, L1, K)
+                 for (L0, L1, K), B in shapes]
+    for job in jobs:
+        payload["results"].append(job())
         _print_result(payload["meta"]["device"], payload["results"][-1])
         with open(partial, "w") as f:  # survives a timeout of the whole run
             json.dump(payload, f, indent=1)
@@ -182,8 +276,12 @@ def bench_cuda(args) -> dict:
 
 def _print_result(device: str, res: dict) -> None:
     s = res["shape"]
-    print(f"{device} L0={s['L0']} L1={s['L1']} K={s['K']} B={s['B']} N={s['N']} "
-          f"allowed={s['allowed_pairs']}/{s['dense_pairs']}")
+    if s.get("layout") == "decode":
+        print(f"{device} decode R={s['R']} cache={s['cache_len']} K={s['K']} Hq={s['Hq']} Hkv={s['Hkv']} D={s['D']} "
+              f"{s['dtype']} allowed={s['allowed_pairs']}/{s['dense_pairs']}")
+    else:
+        print(f"{device} L0={s['L0']} L1={s['L1']} K={s['K']} B={s['B']} N={s['N']} "
+              f"allowed={s['allowed_pairs']}/{s['dense_pairs']}")
     for r in res["runs"]:
         extra = f"  {r['tflops']:.3f} TFLOP/s" if "tflops" in r else ""
         mem = f"  peak+{r['peak_extra_mb']:.0f} MB" if r.get("peak_extra_mb") is not None else ""
@@ -262,6 +360,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU intra-op threads (1 = stable timings on a shared machine; 0 = torch default)")
     ap.add_argument("--shapes", default=None, help='GPU shapes "L0,L1,K;L0,L1,K" (default: the three of issue 3)')
+    ap.add_argument("--layouts", default="all", choices=("all", "train", "decode"))
+    ap.add_argument("--interpret", action="store_true",
+                    help="CPU: also run the Triton paths through the interpreter (functional check, not speed)")
     args = ap.parse_args()
     payload = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
     path = write_json(args.out, "attention", payload)
