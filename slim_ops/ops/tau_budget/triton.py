@@ -25,7 +25,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 # Above every Gumbel value the kernel computes: u <= 1 - 2^-24 gives g <= -ln(-ln(1 - 2^-24)) = 16.6355, plus at
 # most ~1e-6 of fast-log error. Tiles whose largest z/T plus G_MAX cannot beat the running best skip the noise.
 G_MAX = tl.constexpr(16.75)
-NUM_STAGES = tl.constexpr(3)  # cp.async pipeline depth of the streaming loop over V
+NUM_STAGES = tl.constexpr(4)  # cp.async pipeline depth of the streaming loop over V
 
 
 @triton.jit
