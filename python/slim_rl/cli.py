@@ -100,9 +100,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the run's latest)")
     p.add_argument("--to", required=True, help="new folder to write (must not exist or be empty)")
-    p = sub.add_parser("compare", help="slim vs tracerl with the same rollout budget -> JSON + plots")
+    p = sub.add_parser("compare", help="slim vs baselines (tracerl, random), same rollout budget -> JSON + plots")
     _common(p, "results folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--objectives", nargs="+", default=["slim", "tracerl"], metavar="{slim,tracerl,random}",
+                   help="objectives to compare, each from the same SFT model (default: slim tracerl)")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("config", help="every config key with its default (or resolved value) and meaning")
     _common(p)
@@ -121,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> None:
     args = _build_parser().parse_args(argv)
+    if args.cmd == "compare":  # overrides written after --objectives land in its list: move them back
+        args.overrides = [o for o in args.objectives if "=" in o] + list(args.overrides)
+        args.objectives = [o for o in args.objectives if "=" not in o]
     if args.cmd == "demo-decode":
         from slim_rl.demo_decode import main as demo_main
 
@@ -166,7 +171,8 @@ def _main(argv: list[str] | None) -> None:
 
         out = args.out or cfg.train.out_dir
         cmd = "slim-rl " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        res = run_compare(cfg, seeds=args.seeds, out_dir=out, progress=not args.quiet, command=cmd)
+        res = run_compare(cfg, seeds=args.seeds, out_dir=out, objectives=args.objectives, progress=not args.quiet,
+                          command=cmd)
         print(json.dumps(res["summary"], indent=2))
         print(f"wrote {res['json']} and plots in {os.path.dirname(res['json'])}")
 
