@@ -1,11 +1,13 @@
-"""``slim-rl compare``: SLIM-RL vs the TraceRL baseline on the same task with the same rollout budget.
+"""``slim-rl compare``: SLIM-RL vs the baselines on the same task with the same rollout budget.
 
-Both methods start from the same SFT checkpoint (trained once per seed), decode the same number of
-rollouts per step (Q prompts × G samples, τ-budget decoder) for the same number of RL steps, and are
-evaluated (greedy, held-out prompts) at the same steps. What differs is only the objective: SLIM
-trains n_q random-masking rows per response; TraceRL slices each response's decoding trajectory into
-up to K/shrink rows. The JSON records held-out accuracy against RL steps, rollouts and training rows
-(forward/backward sequences), plus wall time, for every seed; the plot shows accuracy vs rows and vs
+Every objective starts from the same SFT checkpoint (trained once per seed), decodes the same number of
+rollouts per step (Q prompts × G samples, τ-budget decoder) for the same number of RL steps, and is
+evaluated (greedy, held-out prompts) at the same steps. What differs is only the objective
+(``objective.name``): ``slim`` trains n_q quadrature rows per response with a per-block mask schedule;
+``tracerl`` slices each response's decoding trajectory into up to K/shrink rows; ``random`` is
+TraceRL's random-masking baseline (per-block Uniform(low, high) mask rates, ``objective.coupled`` adds
+each row's complement). The JSON records held-out accuracy against RL steps, rollouts and training rows
+(forward/backward sequences), plus wall time, for every seed; the plots show accuracy vs rows and vs
 rollouts.
 """
 
@@ -23,9 +25,12 @@ from typing import Any
 import torch
 
 from slim_rl.config import Config, apply_overrides, to_dict
+from slim_rl.errors import UserError
 from slim_rl.plots import plot_compare
 
-__all__ = ["run_compare"]
+__all__ = ["run_compare", "OBJECTIVES"]
+
+OBJECTIVES = ("slim", "tracerl", "random")
 
 
 def _git_sha() -> str:
@@ -36,15 +41,30 @@ def _git_sha() -> str:
         return "unknown"
 
 
+def check_objectives(objectives) -> list[str]:
+    """The objectives to compare, in order; a :class:`UserError` names a bad or repeated one."""
+    objs = list(objectives)
+    if not objs:
+        raise UserError(f"compare: give at least one objective out of {', '.join(OBJECTIVES)}")
+    for o in objs:
+        if o not in OBJECTIVES:
+            raise UserError(f"compare: unknown objective {o!r}; expected some of {', '.join(OBJECTIVES)}")
+    if len(set(objs)) != len(objs):
+        raise UserError(f"compare: objectives must not repeat, got {' '.join(objs)}")
+    return objs
+
+
 def run_compare(cfg: Config, *, seeds: list[int], out_dir: str, objectives=("slim", "tracerl"),
                 progress: bool = True, command: str = "") -> dict[str, Any]:
-    """Run every objective for every seed from a shared SFT model; write compare JSON + plots to
-    ``out_dir`` (runs, checkpoints and metrics go under ``cfg.train.out_dir``). Both objectives get the
-    same number of RL steps (``train.time_limit_s`` is switched off so neither is cut short)."""
+    """Run every objective (``slim``, ``tracerl``, ``random``) for every seed from a shared SFT model;
+    write compare JSON + plots to ``out_dir`` (runs, checkpoints and metrics go under
+    ``cfg.train.out_dir``). All objectives get the same number of RL steps (``train.time_limit_s`` is
+    switched off so none is cut short)."""
     from slim_rl.checkpoint import load_checkpoint, save_checkpoint
     from slim_rl.demo import prepare
     from slim_rl.trainer import Trainer, build_model
 
+    objectives = check_objectives(objectives)
     os.makedirs(out_dir, exist_ok=True)
     work = cfg.train.out_dir
     t_all = time.time()
@@ -88,7 +108,9 @@ def run_compare(cfg: Config, *, seeds: list[int], out_dir: str, objectives=("sli
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     result = {
-        "what": "held-out greedy accuracy vs RL budget, SLIM-RL vs TraceRL, same SFT start and rollout budget",
+        "what": f"held-out greedy accuracy vs RL budget, objectives {' vs '.join(objectives)}, same SFT start "
+                "and rollout budget",
+        "objectives": objectives,
         "command": command,
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),

@@ -88,7 +88,8 @@ class RolloutConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: str = key("slim", "objective: SLIM-RL or the TraceRL baseline", choices=("slim", "tracerl"))
+    name: str = key("slim", "objective: SLIM-RL, the TraceRL baseline, or TraceRL's random-masking baseline",
+                    choices=("slim", "tracerl", "random"))
     num_nodes: int = key(3, "slim: quadrature nodes n_q (training rows per response)", ge=1, le=64)
     spread: float = key(0.2, "slim: sigma, spread of the per-block mask schedule", ge=0.0)
     shape: str = key("cosine", "slim: shape of the per-block mask schedule", choices=("cosine", "linear"))
@@ -103,6 +104,20 @@ class ObjectiveConfig:
     clip_token: float = key(0.2, "epsilon of the token ratio clip", ge=0.0, lt=1.0)
     kl_coef: float = key(0.01, "beta: weight of the KL penalty to the step's starting policy", ge=0.0)
     kl_estimator: str = key("k3", "KL estimator", choices=("k1", "k2", "k3"))
+    kl_reference: str = key("old", "KL against the step's starting policy (old) or a frozen copy of the model "
+                            "as RL starts (ref; saved in the run folder)", choices=("old", "ref"))
+    clip_delta: float = key(0.0, "cap delta of the unclipped ratio, J = min(min(s, delta)A, clip(s)A) (0 = off; "
+                            "TRL/Liger delta, verl dual-clip clip_ratio_c)", ge=0.0)
+    loss_agg: str = key("spec", "loss aggregation: spec (1/L1 norms of the paper) or as verl/TRL name them",
+                        choices=("spec", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                                 "seq-mean-token-sum-norm"))
+    post_tokens: int = key(0, "also train the first n pad positions after each response (TraceRL post_num)",
+                           ge=0)
+    random_low: float = key(0.1, "random: lower bound of the per-block Uniform(low, high) mask rate", ge=0.0,
+                            le=1.0)
+    random_high: float = key(0.9, "random: upper bound of the per-block mask rate", ge=0.0, le=1.0)
+    random_rows: int = key(1, "random: masked rows per response (TraceRL mask_times_per_sample)", ge=1, le=64)
+    coupled: bool = key(False, "random: pair every masked row with its complement (TraceRL coupled)")
 
 
 @dataclass
@@ -192,6 +207,13 @@ def _cross_checks(c: Config) -> list[str]:
     if r.truncation_margin >= r.max_new_tokens:
         bad.append(f"rollout.truncation_margin ({r.truncation_margin}) must be < rollout.max_new_tokens "
                    f"({r.max_new_tokens})")
+    o = c.objective
+    if o.clip_delta and o.clip_delta <= 1.0:
+        bad.append(f"objective.clip_delta must be 0 (off) or > 1, got {o.clip_delta}")
+    if o.random_low > o.random_high:
+        bad.append(f"objective.random_low ({o.random_low}) must be <= objective.random_high ({o.random_high})")
+    if o.coupled and o.name != "random":
+        bad.append(f"objective.coupled=true needs objective.name=random, got {o.name}")
     a = c.advantage
     if a.filter_low > a.filter_high:
         bad.append(f"advantage.filter_low ({a.filter_low}) must be <= advantage.filter_high ({a.filter_high})")

