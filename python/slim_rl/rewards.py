@@ -240,6 +240,7 @@ class TestPlan:
     math_names: set[str] = field(default_factory=set)
     math_funcs: dict[str, str] = field(default_factory=dict)
     imported: set[str] = field(default_factory=set)
+    opaque: set[str] = field(default_factory=set)  # test variables the parent cannot compute (inputs only)
     alias: str | None = None
     entry: str | None = None
 
@@ -263,8 +264,9 @@ class _Splitter:
                 bound |= {t.id for t in ast.walk(n.target) if isinstance(t, ast.Name)}
             elif isinstance(n, ast.Lambda):
                 bound |= {a.arg for a in n.args.args + n.args.kwonlyargs + n.args.posonlyargs}
-        return any(isinstance(n, ast.Name) and not self.known(n.id) and n.id not in bound
-                   and n.id not in _BUILTIN_NAMES and n.id not in self.plan.imported for n in ast.walk(node))
+        p = self.plan
+        return any(isinstance(n, ast.Name) and not self.known(n.id) and n.id not in bound and n.id not in p.opaque
+                   and n.id not in _BUILTIN_NAMES and n.id not in p.imported for n in ast.walk(node))
 
     def leaf(self, node: ast.expr) -> ast.expr:
         k = len(self.plan.calls)
@@ -395,10 +397,14 @@ def parse_tests(tests: str) -> TestPlan:
             name = s.targets[0].id
             ok, val = _literal(plan, s.value)
             setup.append((name, ast.unparse(s), s.value))
+            plan.env.pop(name, None)
+            plan.opaque.discard(name)
             if ok:
                 plan.env[name] = val
-            else:
-                plan.env.pop(name, None)
+            elif not _Splitter(plan).free_names(s.value):
+                # e.g. `expected = string.ascii_lowercase`: fine as an input to a call, but never judged as a
+                # value from the sandbox (the program could rewrite that global before it is read)
+                plan.opaque.add(name)
             return
         if isinstance(s, ast.Assert):
             try:

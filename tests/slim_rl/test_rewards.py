@@ -147,6 +147,17 @@ def test_expected_values_and_verdicts_stay_out_of_the_sandbox():
     assert code_reward([forged, ok], [tests] * 2) == [0.0, 1.0]
 
 
+def test_test_variables_the_parent_cannot_compute_are_inputs_only():
+    with pytest.raises(ValueError, match="cannot judge"):
+        parse_tests("import string\nexpected = string.ascii_lowercase\nassert f() == expected")
+    plan = parse_tests("import string\nletters = string.ascii_lowercase\nres = f(3)\n"
+                       "assert count(letters) == 26\nassert res == 9")
+    assert plan.calls == ["count(letters)", "res"] and "letters = string.ascii_lowercase" in plan.setup
+    code = "def count(s):\n    return len(s)\ndef f(x):\n    return x * x"
+    assert code_reward([code], ["import string\nletters = string.ascii_lowercase\nres = f(3)\n"
+                                "assert count(letters) == 26\nassert res == 9"]) == [1.0]
+
+
 def test_iterators_are_materialised_in_the_sandbox():
     tests = "assert list(map(inc, [1, 2])) == [2, 3]\nassert sorted(gen(3)) == [0, 1, 2]\nassert set(gen(2)) == {0, 1}"
     plan = parse_tests(tests)
