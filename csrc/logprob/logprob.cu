@@ -29,21 +29,28 @@ template <> SLIM_HD float from_f32<float>(float x) { return x; }
 template <> SLIM_HD __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> SLIM_HD __half from_f32<__half>(float x) { return __float2half(x); }
 
-// online softmax state about the running max m: s = Σ exp(z - m), t = Σ exp(z - m)(z - m)
+// online softmax state about the running max m: s = Σ exp(z - m), t = Σ exp(z - m)(z - m).
+// Special values follow torch.logsumexp / softmax (reference.py): a NaN logit makes s NaN, and a NaN s is never
+// dropped (only empty states, s == 0, are); an element equal to the max counts exp(0) = 1 even when the max is
+// ±inf, so a +inf logit gives lse = +inf and an all −inf row lse = −inf; t turns NaN whenever the row holds a
+// ±inf logit, as Σ softmax·z does in the reference (0 · −inf, inf − inf).
 struct State {
   float m, s, t;
 };
 
+// exp(from − to) for the rescale of a state kept about `from` to the max `to` >= from (1 when equal, also at ±inf)
+SLIM_HD float rescale_factor(float from, float to) { return from == to ? 1.f : SLIM_EXP(from - to); }
+
 SLIM_HD State merge(State a, State b) {
   const float m = fmaxf(a.m, b.m);
   State r{m, 0.f, 0.f};
-  if (a.s > 0.f) {
-    const float e = SLIM_EXP(a.m - m);
+  if (a.s != 0.f) {  // NaN included
+    const float e = rescale_factor(a.m, m);
     r.s += a.s * e;
     r.t += e * (a.t + (a.m - m) * a.s);
   }
-  if (b.s > 0.f) {
-    const float e = SLIM_EXP(b.m - m);
+  if (b.s != 0.f) {
+    const float e = rescale_factor(b.m, m);
     r.s += b.s * e;
     r.t += e * (b.t + (b.m - m) * b.s);
   }
@@ -56,16 +63,16 @@ SLIM_HD void fold(State& st, const float (&z)[VEC]) {
   float vmax = z[0];
 #pragma unroll
   for (int j = 1; j < VEC; ++j) vmax = fmaxf(vmax, z[j]);
-  const float m = fmaxf(st.m, vmax);
-  if (st.s > 0.f) {
-    const float e = SLIM_EXP(st.m - m);
+  const float m = fmaxf(st.m, vmax);  // NaN-ignoring: a NaN logit reaches s through zc below
+  if (st.s != 0.f) {
+    const float e = rescale_factor(st.m, m);
     st.t = e * (st.t + (st.m - m) * st.s);
     st.s *= e;
   }
   st.m = m;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const float zc = z[j] - m;
+    const float zc = z[j] == m ? 0.f : z[j] - m;
     const float e = SLIM_EXP(zc);
     st.s += e;
     st.t += e * zc;
@@ -117,7 +124,7 @@ SLIM_HD void row_outputs(const T* p, int64_t V, int64_t y, float inv_t, State st
   const float zy = (y >= 0 && y < V) ? to_f32(p[y]) * inv_t : NAN;  // NaN flags a bad label
   *logp = zy - l;
   *lse = l;
-  if (entropy != nullptr) *entropy = log_s - st.t / st.s;
+  if (entropy != nullptr) *entropy = isinf(st.m) ? NAN : log_s - st.t / st.s;
 }
 
 template <typename T>

@@ -1,7 +1,10 @@
-// Host check of the logprob kernels' per-thread code (tests/ops/test_masked_logprob.py builds and runs it
-// with nvcc when no GPU is present): the same row_thread_state / merge / row_outputs / row_thread_grad
-// functions the kernels call, with kThreads threads, the warp-shuffle xor tree and the block merge emulated
-// in order, on rows of every alignment, compared with a double-precision reference. Not part of the library.
+// Host check of the logprob kernels' per-thread code: the same row_thread_state / merge / row_outputs /
+// row_thread_grad functions the kernels call, with kThreads threads, the warp-shuffle xor tree and the block
+// merge emulated in order. Not part of the library. Two builds (nvcc, no GPU needed):
+//  - an executable (tests/ops/test_masked_logprob.py): rows of every alignment vs a double-precision reference;
+//  - with -DSLIM_LOGPROB_HOST_LIB -shared, a library exporting slim_logprob_host_fwd / _bwd, the kernels'
+//    emulation on [N, V] host rows (tests/ops/test_masked_logprob_cuda.py compares it with reference.py, NaN /
+//    +inf / −inf at every position of the row, i.e. in every thread and vector lane).
 #include "logprob/logprob.cu"
 
 #include <cstdio>
@@ -101,8 +104,69 @@ void check_all(const char* type, double grad_tol) {
   }
 }
 
+template <typename T>
+void host_fwd(const T* logits, const int64_t* labels, float* logp, float* lse, float* ent, int64_t N, int64_t V,
+              int64_t row_stride, float inv_t) {
+  std::vector<State> st(kThreads);
+  for (int64_t r = 0; r < N; ++r) {
+    const T* p = logits + r * row_stride;
+    for (int tid = 0; tid < kThreads; ++tid) st[tid] = row_thread_state(p, V, inv_t, tid, kThreads);
+    row_outputs(p, V, labels[r], inv_t, block_merge(st), logp + r, lse + r, ent ? ent + r : nullptr);
+  }
+}
+
+template <typename T>
+void host_bwd(const float* grad, const T* logits, const int64_t* labels, const float* lse, T* out, int64_t N,
+              int64_t V, int64_t row_stride, int64_t out_stride, float inv_t) {
+  for (int64_t r = 0; r < N; ++r) {
+    for (int tid = 0; tid < kThreads; ++tid) {
+      row_thread_grad(logits + r * row_stride, out + r * out_stride, V, labels[r], grad[r] * inv_t, lse[r], inv_t,
+                      tid, kThreads);
+    }
+  }
+}
+
 }  // namespace
 
+extern "C" int slim_logprob_host_fwd(const void* logits, int dtype, const int64_t* labels, float* logp, float* lse,
+                                     float* ent, int64_t N, int64_t V, int64_t row_stride, float inv_t) {
+  switch (dtype) {
+    case kDTypeF32:
+      host_fwd(static_cast<const float*>(logits), labels, logp, lse, ent, N, V, row_stride, inv_t);
+      return 0;
+    case kDTypeF16:
+      host_fwd(static_cast<const __half*>(logits), labels, logp, lse, ent, N, V, row_stride, inv_t);
+      return 0;
+    case kDTypeBF16:
+      host_fwd(static_cast<const __nv_bfloat16*>(logits), labels, logp, lse, ent, N, V, row_stride, inv_t);
+      return 0;
+    default:
+      return 1;
+  }
+}
+
+extern "C" int slim_logprob_host_bwd(const float* grad, const void* logits, int dtype, const int64_t* labels,
+                                     const float* lse, void* out, int64_t N, int64_t V, int64_t row_stride,
+                                     int64_t out_stride, float inv_t) {
+  switch (dtype) {
+    case kDTypeF32:
+      host_bwd(grad, static_cast<const float*>(logits), labels, lse, static_cast<float*>(out), N, V, row_stride,
+               out_stride, inv_t);
+      return 0;
+    case kDTypeF16:
+      host_bwd(grad, static_cast<const __half*>(logits), labels, lse, static_cast<__half*>(out), N, V, row_stride,
+               out_stride, inv_t);
+      return 0;
+    case kDTypeBF16:
+      host_bwd(grad, static_cast<const __nv_bfloat16*>(logits), labels, lse, static_cast<__nv_bfloat16*>(out), N, V,
+               row_stride, out_stride, inv_t);
+      return 0;
+    default:
+      return 1;
+  }
+}
+
+#ifndef SLIM_LOGPROB_HOST_LIB
 int main() {
   check_all<float>("fp32", 1e-5);
   check_all<__nv_bfloat16>("bf16", 8e-3);
@@ -114,3 +178,4 @@ int main() {
   std::printf("OK %d checks\n", checks);
   return 0;
 }
+#endif  // SLIM_LOGPROB_HOST_LIB

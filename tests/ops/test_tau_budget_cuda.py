@@ -27,13 +27,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from slim_ops import _ext
 from slim_ops.ops.tau_budget import reference as ref
 from slim_ops.testing import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "csrc" / "tau_budget" / "tau_budget.cu"
 STRATEGY_IDS = {"tau_budget": 0, "threshold": 1, "topk": 2}
-DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_IDS = _ext.DTYPE_CODES  # the one dtype-code table (csrc/dtype_codes.h)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -333,6 +334,43 @@ def test_emu_invalid_slots(emu):
         assert int(out[2][0, 3]) == 5 and float(out[3][0, 3]) == 1.0
         assert int(out[2][1, 4]) < 100
         assert int(out[4][0]) == 3, "floor 6 is clamped to the 3 valid masked slots"
+        check_selection(out, block, mask_id, taus, ms, fls, "tau_budget")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "posinf", "neginf"])
+def test_emu_special_value_at_every_position(emu, dtype, value):
+    """Slot i holds `value` at position i: every thread of the 256-thread block, every lane of its 16-byte vectors,
+    the scalar head and tail, and both V-splits see it once; the split / warp / block merges must keep it."""
+    gen = torch.Generator().manual_seed(17)
+    V = 1029 if dtype == torch.float32 else 2051  # > 256 threads x (16 bytes / element size) lanes
+    K = 64
+    R = (V + K - 1) // K
+    base = (torch.randn(R * K * V + 8, generator=gen) * 2).to(dtype)
+    logits = base[1 : 1 + R * K * V].view(R, K, V)  # rows one element past 16-byte alignment
+    flat = logits.view(R * K, V)
+    pos = torch.arange(R * K) % V
+    flat[torch.arange(R * K), pos] = value
+    mask_id = V - 1
+    block = torch.full((R, K), mask_id)
+    tau32, bud, fl, taus, ms, fls = row_params(R, 0.9, 1.0, 2)
+    seed = torch.tensor([0x5EED], dtype=torch.int64)
+    for temperature, splits in ((0.0, 1), (0.0, 2), (0.8, 2)):
+        out = emu_step(emu, logits, block, mask_id, tau32, bud, fl, seed, temperature, 0, splits=splits)
+        if temperature == 0.0:
+            tok, conf, invalid = greedy_expected(logits, mask_id)
+            assert torch.equal(out[2], tok), "greedy tokens differ from the reference"
+        else:
+            tok, conf, gap = sample_expected(logits, seed, temperature)
+            z = logits.float()
+            invalid = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(z).all(-1)
+            tok = torch.where(invalid, mask_id, tok)
+            conf = torch.where(invalid, math.nan, conf)
+            check_sampled_tokens(torch.where(invalid, mask_id, out[2]), tok, torch.where(invalid, 1.0, gap))
+        assert torch.equal(torch.isnan(out[3]), invalid), "invalid-slot pattern differs from the reference"
+        assert bool(invalid.all()) == (not math.isinf(value) or value > 0)
+        same = out[2] == tok
+        assert_close(out[3][same], conf[same], name="confidence")
         check_selection(out, block, mask_id, taus, ms, fls, "tau_budget")
 
 
