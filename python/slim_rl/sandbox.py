@@ -282,7 +282,7 @@ def _main():
         alias = _req["alias"]
         if alias:
             fns = [v for v in list(g.values()) if type(v).__name__ == "function"]
-            g[alias] = g.get(_req["entry"] or "", fns[-1] if fns else None)
+            g[alias] = g.get(_req["entry"]) if _req["entry"] else (fns[-1] if fns else None)
         exec(compile(_req["setup"], "<tests>", "exec"), g)
         load_err = None
     except BaseException as e:

@@ -167,6 +167,9 @@ def test_run_calls_setup_alias_and_program_errors():
     res = run_calls("def first(x):\n    return x\ndef last(x):\n    return -x\n", ["candidate(2)"],
                     alias="candidate", entry="first", limits=FAST)
     assert res.values == [2]
+    res = run_calls("def first(x):\n    return x\n", ["candidate(2)"], alias="candidate", entry="missing",
+                    limits=FAST)
+    assert res.complete and res.ok == [False] and res.errors == ["TypeError"]  # no fallback to another function
     res = run_calls("raise SystemExit(0)\ndef f(): return 1", ["f()"], limits=FAST)
     assert res.complete and res.ok == [False] and res.errors == ["program: SystemExit"]
 
