@@ -317,7 +317,7 @@ def _check_ids(name: str, ids, vocab: int) -> list[int]:
     return out
 
 
-def _check_options(strategy, gamma, factor, cfg_scale, cache, info) -> None:
+def _check_options(gamma, factor, cfg_scale, cache, info) -> None:
     for name, v, lo_open in (("gamma", gamma, False), ("factor", factor, True)):
         if isinstance(v, bool) or not isinstance(v, float | int) or not math.isfinite(float(v)) or (
                 float(v) <= 0 if lo_open else float(v) < 0):
@@ -711,7 +711,7 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
     vocab = model.get_output_embeddings().weight.shape[0]
     S = _check_args(block_size, max_new_tokens, steps_per_block, strategy, tau, m, temperature, top_k, top_p,
                     batch_size)
-    _check_options(strategy, gamma, factor, cfg_scale, cache, info)
+    _check_options(gamma, factor, cfg_scale, cache, info)
     suppress = _check_ids("suppress_ids", suppress_ids, vocab)
     defer = _check_ids("defer_ids", defer_ids, vocab)
     plist = _as_prompt_list(prompts, vocab, info["mask_id"])

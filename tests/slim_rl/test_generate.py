@@ -414,6 +414,9 @@ def test_cache_is_approximate_and_consistent(family):
     dual = generate(model, PROMPTS, cache="dual", **kw)
     prefix = generate(model, PROMPTS, cache="prefix", **kw)
     assert dual.forward_tokens < prefix.forward_tokens < exact.forward_tokens
+    for i, p in enumerate(PROMPTS):  # a row's trajectory does not depend on the rest of the batch
+        alone = generate(model, [p], cache="dual", **kw)
+        assert torch.equal(alone.tokens[0], dual.tokens[i]) and torch.equal(alone.step_map[0], dual.step_map[i])
 
 
 def test_peer_option_validation():
