@@ -177,6 +177,13 @@ class BlockLayout:
         return self.prompt_len + self.response_len
 
     @property
+    def pad_keys_only(self) -> bool:
+        """True when every (query, key) pair is allowed except pad keys (decode steps, SPEC §3.2): no noisy
+        stream, no prompt row among the queries and one clean block, so ``dense_mask() == ~key_padding()``
+        broadcast over the rows. The torch backend then masks with the [B, 1, 1, Lk] key bitmap only."""
+        return self.num_noisy == 0 and self.q_start >= self.prompt_len and self.response_len <= self.block_size
+
+    @property
     def batch_size(self) -> int:
         """Rows of the pad bitmap, 1 when there is none (then everything broadcasts over the batch)."""
         return 1 if self.prompt_pad is None else int(self.prompt_pad.shape[0])

@@ -215,6 +215,20 @@ def test_decode(ell, K):
         assert torch.equal(m[1], ~torch.cat([pad[1], torch.zeros(K, dtype=torch.bool)])[None].expand(K, -1))
         n_valid = ell - (ell // 2 + 1)
         assert torch.equal(lp.query_position_ids()[1], torch.arange(n_valid, n_valid + K))
+        assert lp.pad_keys_only and torch.equal(m, (~lp.key_padding())[:, None, :].expand_as(m))
+
+
+def test_pad_keys_only_exactly_when_the_mask_is_the_key_bitmap():
+    pad = torch.tensor([[True, True, False, False, False, False], [False] * 6])
+    layouts = [BlockLayout.decode(6, 4, cache_pad=pad), BlockLayout.decode(0, 3), BlockLayout.staircase(4, 4),
+               BlockLayout.staircase(5, 4), BlockLayout.train(6, 4, 4, prompt_pad=pad),
+               BlockLayout.packed(6, 3, 4, 0, prompt_pad=pad), BlockLayout(6, 3, 4, 0, 6, pad, "decode"),
+               BlockLayout(6, 5, 4, 0, 6, pad, "decode"), BlockLayout(6, 3, 4, 0, 5, pad, "decode")]
+    for lay in layouts:
+        m = lay.dense_mask()
+        keys = (~lay.key_padding())[:, None, :].expand_as(m)
+        assert lay.pad_keys_only == torch.equal(m, keys), lay
+    assert [lay.pad_keys_only for lay in layouts] == [True, True, True, False, False, False, True, False, False]
 
 
 @pytest.mark.parametrize("L0,L1,K,n", [(5, 9, 4, 3), (0, 6, 2, 2), (3, 5, 2, 1), (4, 7, 3, 0)])

@@ -73,9 +73,10 @@ def attention_fwd_chunked(
     kf, vf = k.float(), v.float()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     step = _chunk_rows(B, Hq, Lq, Lk, budget_bytes)
+    key_ok = ~layout.key_padding(q.device)[:, None, None, :] if layout.pad_keys_only else None  # decode steps
     for r0 in range(0, Lq, step):
         r1 = min(Lq, r0 + step)
-        mask = layout.dense_mask(q.device, rows=(r0, r1))[:, None]  # [B or 1, 1, r, Lk]
+        mask = key_ok if key_ok is not None else layout.dense_mask(q.device, rows=(r0, r1))[:, None]
         o = F.scaled_dot_product_attention(
             q[:, :, r0:r1].float(), kf, vf, attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1]
         )
