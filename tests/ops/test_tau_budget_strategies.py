@@ -273,3 +273,35 @@ def test_opcheck_new_arguments():
     torch.library.opcheck(torch.ops.slim_ops.tau_budget_select.default,
                           (torch.rand(2, 8), block == 49, tau32, bud, fl, 3, "torch", sp, torch.rand(2, 8), None))
     assert np.isfinite(float(sp[0]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: real vocabularies; the selection checked exactly against the reference on the kernel's own slot outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("strategy", NEW)
+@pytest.mark.parametrize("R,K,V,dtype", [(64, 16, 151936, torch.bfloat16), (8, 64, 126464, torch.float16)])
+def test_gpu_real_vocab_selection_exact(backend, strategy, R, K, V, dtype):
+    if backend not in slim_ops.available_backends("cuda"):
+        pytest.fail(f"{backend} backend unavailable on this GPU machine")
+    g = torch.Generator(device="cuda").manual_seed(R + K)
+    logits = (torch.randn(R, K, V, device="cuda", generator=g) * 3).to(dtype)
+    logits[..., :4] += 14 * torch.rand(R, K, 1, device="cuda", generator=g).to(dtype)
+    block = torch.where(torch.rand(R, K, device="cuda", generator=g) < 0.7, 5, 3).to(torch.int64)
+    kw = dict(floor=1, gamma=0.5, factor=1.0)
+    gen = torch.Generator("cuda").manual_seed(1)
+    out = slim_ops.tau_budget_step(logits, block, 5, strategy=strategy, generator=gen, backend=backend, **kw)
+    assert torch.equal(out.tokens, logits.float().argmax(-1))
+    _, _, ent = slot_pass_torch(logits, 5, torch.zeros(1, dtype=torch.int64, device="cuda"), 0.0,
+                                return_entropy=True)
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=torch.Generator("cuda").manual_seed(1), device="cuda",
+                         dtype=torch.int64).cpu()
+    rank = random_rank(seed, torch.arange(R * K)).view(R, K)
+    conf, masked, ent = out.confidence.cpu(), (block == 5).cpu(), ent.cpu()
+    for r in range(R):
+        ec, ek, erisk = select_row_ref(conf[r], masked[r], 0.9, 1.0, 1, strategy, entropy=ent[r], gamma=0.5,
+                                       factor=1.0, rank=rank[r])
+        assert torch.equal(out.commit[r].cpu(), ec) and int(out.num_committed[r]) == ek
+        assert float(out.risk[r]) == erisk
