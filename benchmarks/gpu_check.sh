@@ -326,6 +326,7 @@ stage2() {
            tests/ops/test_policy_loss.py tests/ops/test_attention.py tests/gpu tests/slim_rl/test_generate.py; do
     [ -e "$f" ] && files+=("$f")
   done
+  files+=(tests)  # any other gpu-marked test, after these (pytest collects each test once)
   if "$PY" -c "import pytest_timeout" 2>/dev/null; then
     tmo=(--timeout "$PER_TEST_TIMEOUT")
   else
