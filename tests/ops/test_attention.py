@@ -443,6 +443,22 @@ def test_gpu_triton_fp32_layouts(make):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("R,ell,Lq,Hkv", [(16, 572, 16, 8), (2, 4096, 16, 8), (4, 300, 1, 4), (3, 200, 64, 2)])
+def test_gpu_decode_bf16_real_sizes(R, ell, Lq, Hkv):
+    """The decode kernel at rollout sizes (Hq = 32, D = 128, ragged caches; (2, 4096) takes the split-KV merge):
+    forward and backward three-way against the fp32 torch backend and bf16 SDPA with the dense mask."""
+    dev = "cuda"
+    lay = BlockLayout.decode(ell, Lq, cache_pad=_ragged_cache_pad(R, ell, seed=ell).to(dev))
+    q, k, v, do = (t.to(dev) for t in _inputs(R, 32, Hkv, lay.num_queries, lay.num_keys, 128, torch.bfloat16, 2))
+    ref = _fwd_bwd(lambda a, b, c: block_diffusion_attention(a, b, c, lay, backend="torch"), q.float(), k.float(),
+                   v.float(), do.float())
+    low = _fwd_bwd(lambda a, b, c: sdpa_dense(a, b, c, lay), q, k, v, do)
+    got = _fwd_bwd(lambda a, b, c: block_diffusion_attention(a, b, c, lay, backend="triton"), q, k, v, do)
+    for name, g, r, lo in zip(("o", "dq", "dk", "dv"), got, ref, low):
+        assert_three_way(g, r, lo, name=f"decode {name} R={R} ell={ell} Lq={Lq} Hkv={Hkv}")
+
+
+@pytest.mark.gpu
 def test_gpu_peak_memory_is_linear():
     lay = BlockLayout.train(1024, 2048, 16)
     N = lay.seq_len
