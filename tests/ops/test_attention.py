@@ -55,7 +55,8 @@ CASES = {
     "train_odd_nopad": (lambda: BlockLayout.train(7, 13, 3), 1, 3, 1, 32),
     "train_L0_0_K1": (lambda: BlockLayout.train(0, 9, 1), 2, 2, 2, 16),
     "packed_3_streams": (lambda: BlockLayout.packed(6, 7, 4, 3, prompt_pad=_left_pad(2, 6, 2)), 2, 2, 1, 16),
-    "staircase": (lambda: BlockLayout.staircase(37, 5), 1, 2, 1, 16),
+    "staircase": (lambda: BlockLayout.staircase(37, 5), 1, 2, 1, 16),  # Lq ≤ 64: the decode kernel
+    "staircase_long": (lambda: BlockLayout.staircase(70, 5), 1, 2, 1, 16),  # Lq > 64: the general kernels
     # K = tile size: many fully visible (unmasked) tiles next to padded and partial ones
     "train_K16_full_tiles": (lambda: BlockLayout.train(16, 32, 16, prompt_pad=_left_pad(1, 16, 6, False)),
                              1, 2, 1, 16),

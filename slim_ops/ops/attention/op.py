@@ -297,9 +297,12 @@ def block_diffusion_attention(
         layout: a :class:`slim_ops.BlockLayout` (``train``, ``packed``, ``staircase`` or ``decode``); its
             pad bitmap, if any, has 1 or B rows.
         scale: softmax scale, default 1/sqrt(D).
-        backend: "torch" (fp32 SDPA with the dense mask, chunked over queries; any D ≤ 256), "triton"
-            (flash forward/backward, no mask tensor; D ∈ {64, 128} on GPUs; CUDA tensors, or CPU tensors
-            under TRITON_INTERPRET=1) or None = auto (triton on CUDA when D ∈ {64, 128}, else torch).
+        backend: "torch" (fp32 SDPA with the dense mask, chunked over queries — the key bitmap alone for
+            decode steps; any D ≤ 256), "triton" (flash forward/backward, no mask tensor; D ∈ {64, 128} on
+            GPUs; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1; short query blocks without a noisy
+            stream — decode steps, Lq ≤ 64 — take a decode forward that packs the G·Lq rows of each KV
+            head into one tile and splits long caches) or None = auto (triton on CUDA when D ∈ {64, 128},
+            else torch).
 
     Returns:
         o: [B, Hq, Lq, D] in q's dtype (contiguous),
