@@ -7,12 +7,14 @@ One RL step:
 2. **Reward and advantage** — the task's verifiable reward (0 for responses without EOS / truncated),
    ``dr_grpo`` or ``zscore`` advantages per prompt group, groups filtered by accuracy (§4.1).
 3. **Rows** — ``slim``: :func:`slim_ops.build_slim_rows` (n_q quadrature levels, per-block mask
-   schedule, §4.2); ``tracerl``: :func:`slim_ops.build_trace_rows` (trajectory slicing, §5).
+   schedule, §4.2); ``tracerl``: :func:`slim_ops.build_trace_rows` (trajectory slicing, §5);
+   ``random``: :func:`slim_ops.build_random_rows` (TraceRL's random-masking / coupled baselines).
 4. **logp_old** — log-probs of every row's loss positions under θ at the start of the step (no grad).
 5. **Update** — E epochs over shuffled minibatches with gradient accumulation over micro-batches:
    the :class:`Scorer` (decoder → hidden states of the loss positions → :func:`slim_ops.masked_logprob`
    with the LM head's whole weight: no [n, V] tensor under any strategy), :func:`slim_ops.slim_policy_loss`
-   (clipped ratio, k3 KL to θ_old), gradient clipping, AdamW whose state persists across steps, LR
+   (clipped ratio, k3 KL to θ_old or, with ``objective.kl_reference=ref``, to a frozen copy of the
+   RL-start model), gradient clipping, AdamW whose state persists across steps, LR
    schedule. An update whose loss or global gradient norm is not finite is skipped (counted in the
    metrics); ``train.max_skipped_updates`` consecutive skips stop the run with :class:`TrainingError`.
 6. **Checkpoint** (sharded, atomic, :mod:`slim_rl.checkpoint`) and 7. periodic greedy **evaluation**.
