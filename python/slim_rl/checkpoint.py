@@ -15,9 +15,9 @@ on POSIX). A directory without a matching manifest is never loaded; ``.tmp`` dir
 killed run are removed when the next run starts (:func:`clean_stale`). Every ``torch.load`` here uses
 ``weights_only=True``.
 
-Run folders never lose work (:func:`check_run_folder`): a new run refuses a folder that holds an earlier
-run unless ``resume`` or ``overwrite`` is asked for, and with ``overwrite`` the earlier run's files are
-removed (:func:`clear_run_files`) only once the new run has something of its own to write.
+Run folders (:mod:`slim_rl.runs`, re-exported here) never lose work: a new run refuses a folder that
+holds an earlier run unless ``resume`` or ``overwrite`` is asked for, and with ``overwrite`` the earlier
+run's files are removed only once the new run has something of its own to write.
 """
 
 from __future__ import annotations
@@ -33,10 +33,22 @@ from typing import Any
 import torch
 
 from slim_rl.errors import CheckpointError, RunFolderError
+from slim_rl.runs import (
+    RUN_FILES,
+    _is_complete,
+    _manifest,
+    check_run_folder,
+    checkpoint_step,
+    clear_run_files,
+    latest_checkpoint,
+    list_checkpoints,
+    step_dirs,
+)
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "latest_checkpoint", "list_checkpoints",
            "verify_checkpoint", "clean_stale", "check_run_folder", "clear_run_files", "export_model",
-           "CheckpointError", "RunFolderError", "rng_state", "set_rng_state", "RUN_FILES"]
+           "CheckpointError", "RunFolderError", "rng_state", "set_rng_state", "RUN_FILES", "checkpoint_step",
+           "all_finite", "step_dirs"]
 
 # DCP warns that it assumes a single process when no process group is running: that is the intent here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -45,9 +57,6 @@ _PREFIX = "step_"
 _MANIFEST = "manifest.json"
 _TRAINER = "trainer.json"
 
-# what a run writes into its folder (the only names clear_run_files ever removes)
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "accuracy_before.json", "config.yaml", "tb",
-             "reward_accuracy.png", "ewc_commits.png")
 
 
 # ----------------------------------------------------------------------------------------------- RNG
@@ -215,28 +224,6 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module,
 
 
 # ----------------------------------------------------------------------------------------------- find
-def _manifest(path: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(path, _MANIFEST)) as f:
-            m = json.load(f)
-        if not isinstance(m.get("files"), dict) or not m["files"]:
-            return None
-        return m
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _is_complete(path: str) -> bool:
-    """The commit marker is there and every file it lists has its recorded size (cheap check)."""
-    m = _manifest(path)
-    if m is None:
-        return False
-    try:
-        return all(os.path.getsize(os.path.join(path, n)) == meta["bytes"] for n, meta in m["files"].items())
-    except (OSError, KeyError, TypeError):
-        return False
-
-
 def verify_checkpoint(path: str, info=None) -> bool:
     """Full check: the manifest's sizes and SHA-256 hashes (files split over ranks); same answer on
     every rank."""
@@ -256,28 +243,6 @@ def verify_checkpoint(path: str, info=None) -> bool:
             except (OSError, KeyError, TypeError):
                 ok = False
     return not D.any_true(not ok, info)
-
-
-def _step_dirs(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
-        return []
-    names = sorted(n for n in os.listdir(directory) if n.startswith(_PREFIX) and n[len(_PREFIX):].isdigit())
-    return [os.path.join(directory, n) for n in names]
-
-
-def list_checkpoints(directory: str) -> list[str]:
-    """Committed checkpoints under ``directory``, oldest first (``.tmp`` and incomplete ones excluded)."""
-    return [p for p in _step_dirs(directory) if _is_complete(p)]
-
-
-def latest_checkpoint(directory: str) -> str | None:
-    """The newest committed checkpoint under ``directory``, or None."""
-    cks = list_checkpoints(directory)
-    return cks[-1] if cks else None
-
-
-def checkpoint_step(path: str) -> int:
-    return int(os.path.basename(os.path.normpath(path))[len(_PREFIX):])
 
 
 def clean_stale(directory: str) -> list[str]:
@@ -372,54 +337,6 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
 def load_weights(path: str, model: torch.nn.Module, info=None) -> int:
     """Only the model weights of a checkpoint (any world size); returns its step."""
     return load_checkpoint(path, model, None, restore_rng=False, info=info)["step"]
-
-
-# ----------------------------------------------------------------------------------------------- runs
-def _earlier_run(out_dir: str) -> list[str]:
-    found = []
-    ck = os.path.join(out_dir, "checkpoints")
-    if _step_dirs(ck):
-        found.append(os.path.join(ck, os.path.basename(_step_dirs(ck)[-1])))
-    for n in ("metrics.jsonl", "summary.json"):
-        if os.path.exists(os.path.join(out_dir, n)):
-            found.append(os.path.join(out_dir, n))
-    return found
-
-
-def check_run_folder(out_dir: str, *, resume: bool = False, overwrite: bool = False) -> str | None:
-    """Decide whether a run may start in ``out_dir`` (touches nothing). Returns the checkpoint to resume
-    from (``resume``), else None. Raises :class:`RunFolderError`:
-
-    * ``resume`` and ``overwrite`` together;
-    * a new run (neither flag) into a folder holding an earlier run's checkpoints or metrics;
-    * ``resume`` without a committed checkpoint to resume.
-    """
-    if resume and overwrite:
-        raise RunFolderError("--resume and --overwrite exclude each other")
-    if resume:
-        ck = os.path.join(out_dir, "checkpoints")
-        path = latest_checkpoint(ck)
-        if path is None:
-            broken = [os.path.basename(p) for p in _step_dirs(ck)]
-            extra = f" (only incomplete or damaged: {', '.join(broken)})" if broken else ""
-            raise RunFolderError(f"--resume: no checkpoint to resume in {ck}{extra}")
-        return path
-    if not overwrite:
-        found = _earlier_run(out_dir)
-        if found:
-            raise RunFolderError(f"{out_dir} holds an earlier run ({', '.join(found)}); pass --resume to "
-                                 "continue it or --overwrite to replace it, or choose another --out")
-    return None
-
-
-def clear_run_files(out_dir: str) -> None:
-    """Remove an earlier run's files (only the names in :data:`RUN_FILES`)."""
-    for n in RUN_FILES:
-        p = os.path.join(out_dir, n)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        elif os.path.lexists(p):
-            os.remove(p)
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -61,8 +61,8 @@ def _load(args, *, run_config: bool = False):
 
 def _checkpoint_of(args, cfg) -> str | None:
     """The checkpoint eval / export read: ``--checkpoint``, else the run folder's newest committed one."""
-    from slim_rl.checkpoint import latest_checkpoint
     from slim_rl.errors import RunFolderError
+    from slim_rl.runs import latest_checkpoint
 
     if args.checkpoint:
         if not os.path.isdir(args.checkpoint):
@@ -139,6 +139,9 @@ def _main(argv: list[str] | None) -> None:
         return
     cfg = _load(args, run_config=args.cmd in ("eval", "export"))
     if args.cmd in ("demo", "train"):
+        from slim_rl.runs import check_run_folder
+
+        check_run_folder(cfg.train.out_dir, resume=args.resume, overwrite=args.overwrite)  # before loading torch
         from slim_rl.demo import run_demo
 
         summary = run_demo(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
@@ -157,6 +160,10 @@ def _main(argv: list[str] | None) -> None:
         if tr.info.is_main:
             print(json.dumps(res, indent=2))
     elif args.cmd == "export":
+        if os.path.exists(args.to) and (not os.path.isdir(args.to) or os.listdir(args.to)):
+            from slim_rl.errors import RunFolderError
+
+            raise RunFolderError(f"export: {args.to} already exists and is not empty")
         from slim_rl.checkpoint import export_model, load_weights
         from slim_rl.trainer import build_model
 

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from typing import Any
 
@@ -258,6 +259,7 @@ class Trainer:
         self.overwrite = overwrite
         self._claimed = False
         self._resumed = False
+        self._abandoned: int | None = None
         self._last_saved = -1
         self._tb = None
         self.history: list[dict[str, Any]] = []
@@ -713,6 +715,13 @@ class Trainer:
         """Checkpoint the current step (collective; every rank writes its shard)."""
         self.claim_folder()
         self.reshard()
+        if self._abandoned is not None and self.info.is_main:
+            # resumed from an older checkpoint because the newer ones were damaged: those belong to an
+            # abandoned future; they go once this run saves its own
+            for path in C.step_dirs(self.ckpt_dir):
+                if C.checkpoint_step(path) > self._abandoned:
+                    shutil.rmtree(path, ignore_errors=True)
+        self._abandoned = None
         D.barrier(self.info)
         extra = {"updates": self.updates, "counters": dict(self.counters), "bad_streak": self.bad_streak,
                  "strategy": self.strategy, "config": to_dict(self.cfg)}
@@ -754,6 +763,7 @@ class Trainer:
         self.counters.update(ex.get("counters", {}))
         self._resumed = True
         self._last_saved = self.step
+        self._abandoned = self.step
         if self.info.is_main and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:
                 lines = [json.loads(line) for line in f if line.strip()]
