@@ -280,21 +280,29 @@ def policy_loss_grad_triton(grad_loss, logp, logp_old, kl_reference, loss_mask, 
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    for level, kl, (K, BNB, BK) in (("sequence", "k3", (256, 1, 256)), ("sequence", "k2", (256, 1, 256)),
-                                    ("sequence", "k1", (1024, 1, 1024)), ("block", "k3", (16, 16, 16)),
-                                    ("token", "k3", (256, 1, 256))):
+    # (level, kl, tiles, options): the SPEC defaults, then clip_delta + kl_reference with each aggregation
+    for level, kl, (K, BNB, BK), opt in (("sequence", "k3", (256, 1, 256), None),
+                                         ("sequence", "k2", (256, 1, 256), None),
+                                         ("sequence", "k1", (1024, 1, 1024), None),
+                                         ("block", "k3", (16, 16, 16), None),
+                                         ("token", "k3", (256, 1, 256), None),
+                                         ("sequence", "k3", (256, 1, 256), "token-mean"),
+                                         ("block", "k3", (16, 16, 16), "seq-mean-token-mean"),
+                                         ("token", "k3", (256, 1, 256), "seq-mean-token-sum")):
         const = {"K": K, "BNB": BNB, "BK": BK, "LEVEL": LEVEL_ID[level], "KL": KL_ID[kl],
-                 "LO": 0.9, "HI": 1.1, "HAS_CAP": False, "CAP": 0.0, "HAS_REF": False}
-        label = f"{level} {kl} K={K} BNB={BNB}"
+                 "LO": 0.9, "HI": 1.1, "HAS_CAP": opt is not None, "CAP": 3.0 if opt else 0.0,
+                 "HAS_REF": opt is not None}
+        label = f"{level} {kl} K={K} BNB={BNB}" + (f" delta ref {opt}" if opt else "")
         ptrs = {"logp_ptr": "*fp32", "old_ptr": "*fp32", "ref_ptr": "*fp32", "mask_ptr": "*u8", "adv_ptr": "*fp32",
                 "rows_ptr": "*fp32", "gl_ptr": "*fp32", "w_ptr": "*fp32", "den_ptr": "*fp32", "grad_ptr": "*fp32"}
         strides = ("L", "s_lp", "s_old", "s_ref", "s_m")
         fwd_ptrs = {k: v for k, v in ptrs.items() if k in _slim_policy_loss_fwd_kernel.arg_names}
         specs.append(AotSpec(_slim_policy_loss_fwd_kernel, signature(_slim_policy_loss_fwd_kernel, fwd_ptrs, const),
                              const, num_warps=4, label=label, ints=dict.fromkeys(strides, 2048)))
-        const_b = dict(const, KL_COEF=0.01, POL_AGG=AGG_ID["seq-mean-token-mean" if level == "sequence"
-                                                            else "seq-mean-token-sum-norm"],
-                       KL_AGG=AGG_ID["seq-mean-token-sum-norm"], SAME_DEN=True)
+        pol_agg = opt or ("seq-mean-token-mean" if level == "sequence" else "seq-mean-token-sum-norm")
+        kl_agg = opt or "seq-mean-token-sum-norm"
+        const_b = dict(const, KL_COEF=0.01, POL_AGG=AGG_ID[pol_agg], KL_AGG=AGG_ID[kl_agg],
+                       SAME_DEN=(pol_agg == "token-mean") == (kl_agg == "token-mean"))
         bwd_ptrs = {k: v for k, v in ptrs.items() if k in _slim_policy_loss_bwd_kernel.arg_names}
         specs.append(AotSpec(_slim_policy_loss_bwd_kernel, signature(_slim_policy_loss_bwd_kernel, bwd_ptrs, const_b),
                              const_b, num_warps=4, label=label, ints=dict.fromkeys(strides + ("s_g",), 2048)))
