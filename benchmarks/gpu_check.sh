@@ -155,8 +155,9 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 for s in d.get("stages", []):
     print(f"stage {s['stage']} {s['name']:<14} {s['status']:<8} {s['seconds']:>4} s  {s['note']}")
-cb = d.get("cuda_backend", {})
-print(f"CUDA backend: {'built (' + str(cb.get('how')) + ')' if cb.get('built') else 'skipped: ' + str(cb.get('reason'))}")
+cb = d.get("cuda_backend")
+if cb:
+    print(f"CUDA backend: {'built (' + str(cb.get('how')) + ')' if cb.get('built') else 'skipped: ' + str(cb.get('reason'))}")
 for op, p in d.get("ops", {}).items():
     cases = p.get("cases", [])
     ok = sum(bool(c.get("correct")) for c in cases)
@@ -175,7 +176,7 @@ for op, p in d.get("ops", {}).items():
 t = d.get("tests")
 if t:
     print(f"pytest -m gpu: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
-          f"{t.get('skipped', 0)} skipped")
+          f"{t.get('skipped', 0)} skipped, {t.get('not_run', 0)} not reached")
     for f in t.get("failures", [])[:30]:
         print(f"  FAILED {f}")
 PY
@@ -205,6 +206,7 @@ summ set "run=$RUN_NAME" "dry_run=$([ "$DRY" = 1 ] && echo true || echo false)" 
   "time_plan_s={\"stage0\": $G0, \"stage1\": $G1, \"stage2\": $G2, \"stages_0_2\": $PLAN_TOTAL, \"stage3\": $G3}" \
   "budgets_s={\"stage0\": $B0, \"stage1\": $B1, \"stage2\": $B2, \"stage3\": $B3, \"watchdog\": $WATCHDOG_S}"
 export GIT_SHA=${GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+[ "$GIT_SHA" = unknown ] && say "warning: GIT_SHA is not set and there is no .git here: the results name no commit"
 
 # ------------------------------------------------------------------------------------------------ stage 0
 stage0() {
@@ -348,13 +350,19 @@ stage2() {
   "$PY" - "$SUMMARY" "$LOGDIR/pytest_main.log" "$LOGDIR/pytest_compile.log" "$rc_a" "$rc_b" <<'PY'
 import json, os, re, sys
 path, log_a, log_b, rc_a, rc_b = sys.argv[1:]
-t = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [], "rc": [int(rc_a), int(rc_b)]}
+t = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "selected": 0, "failures": [],
+     "rc": [int(rc_a), int(rc_b)]}
 pat = re.compile(r"^(\S+::\S+(?:\[.*?\])?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
 for log in (log_a, log_b):
     try:
         lines = open(log, errors="replace").read().splitlines()
     except OSError:
         continue
+    for line in lines:
+        m = re.search(r"collected (\d+) items?(?: / (\d+) deselected / (\d+) selected)?", line)
+        if m:
+            t["selected"] += int(m.group(3) if m.group(3) is not None else m.group(1))
+            break
     for line in lines:
         m = pat.match(line)
         if not m:
@@ -365,11 +373,13 @@ for log in (log_a, log_b):
         if m.group(2) in ("FAILED", "ERROR"):
             t["failures"].append(m.group(1))
     t.setdefault("short_summary", []).extend([ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))][:40])
+t["not_run"] = max(0, t["selected"] - t["passed"] - t["failed"] - t["errors"] - t["skipped"])  # stage time ran out
 d = json.load(open(path))
 d["tests"] = t
 json.dump(d, open(path + ".tmp", "w"), indent=1)
 os.replace(path + ".tmp", path)
-print(f"  pytest -m gpu: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped")
+print(f"  pytest -m gpu: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped, "
+      f"{t['not_run']} of {t['selected']} selected not reached")
 PY
   local rc=0
   for r in $rc_a $rc_b; do case $r in 0|5) ;; *) rc=$r ;; esac; done

@@ -224,15 +224,24 @@ class Run:
 def _atomic_json(path: str, payload) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, default=_json_default)
+        json.dump(_strict(payload), f, indent=1, default=_json_default, allow_nan=False)
     os.replace(tmp, path)
+
+
+def _strict(o):
+    """Non-finite floats as the strings "inf" / "-inf" / "nan": the files stay strict JSON."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v) for v in o]
+    return o
 
 
 def _json_default(o):
     if isinstance(o, torch.dtype):
         return str(o).replace("torch.", "")
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
     return str(o)
 
 
@@ -263,6 +272,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / den
 
 
+def _max_abs(out: torch.Tensor, ref: torch.Tensor) -> float | None:
+    """Largest |out − ref| over the finite reference entries (diagnostic; rel_err decides)."""
+    if out.shape != ref.shape:
+        return None
+    e = ref.detach().to(device=out.device, dtype=torch.float64)
+    d = (out.detach().to(torch.float64) - e).abs()
+    d = d[torch.isfinite(e)]
+    return float(d.max()) if d.numel() else 0.0
+
+
 class Check:
     """Collects the checks of one case: rel errors against the tolerance table and exact conditions."""
 
@@ -275,7 +294,7 @@ class Check:
         r = rel_err(out, ref)
         tol = tolerance(tol_dtype)["rtol"]
         self.errs[name] = {"rel_err": r, "tol": tol, "tol_dtype": str(tol_dtype).replace("torch.", ""),
-                           "ok": bool(math.isfinite(r) and r <= tol)}
+                           "ok": bool(math.isfinite(r) and r <= tol), "max_abs_err": _max_abs(out, ref)}
         return r
 
     def equal(self, name: str, ok: bool, detail: str = "") -> None:
