@@ -97,7 +97,7 @@ class ObjectiveConfig:
     schedule_blocks: str = key("response", "slim: blocks the schedule spans", choices=("response", "padded"))
     shared_clean: bool = key(True, "slim: one clean stream + n_q noisy streams per response")
     shrink: int = key(1, "tracerl: decode steps merged per row", ge=1)
-    level: str = key("sequence", "slim ratio level (tracerl always uses token)",
+    level: str = key("sequence", "slim ratio level (tracerl and random always use token)",
                      choices=("sequence", "block", "token"))
     clip_low: float = key(0.1, "epsilon_lo of the sequence/block ratio clip", ge=0.0, lt=1.0)
     clip_high: float = key(0.1, "epsilon_hi of the sequence/block ratio clip", ge=0.0)
