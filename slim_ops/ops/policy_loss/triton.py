@@ -1,8 +1,10 @@
 """Triton kernels for the SLIM-RL policy loss: one program per row, segmented reductions over the row's
 positions in [BNB, BK] tiles (BNB blocks of K positions; one tile row per chunk at sequence/token level).
 
-``_slim_policy_loss_fwd_kernel`` writes per-row statistics (J, KL_row, |M|, clipped units, units, Σ ratio);
-``_slim_policy_loss_bwd_kernel`` writes ∂L/∂ℓ for every position of the row (0 off the mask).
+``_slim_policy_loss_fwd_kernel`` writes per-row statistics (policy term, Σ_M κ, |M|, clipped units, units,
+Σ ratio, δ-capped units; the aggregation happens in ``op._combine``); ``_slim_policy_loss_bwd_kernel``
+writes ∂L/∂ℓ for every position of the row (0 off the mask) for the aggregation given by POL_AGG / KL_AGG
+(per-row divisor in the kernel, batch divisor B or Σ|M| read from ``den_ptr``).
 """
 
 from __future__ import annotations
