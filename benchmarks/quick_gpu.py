@@ -158,6 +158,11 @@ class Run:
         os.makedirs(args.out, exist_ok=True)
         self.failures = 0
 
+    def need(self, backend: str) -> None:
+        """Skip a cuda case at once when the build stage recorded why the extension is missing."""
+        if backend == "cuda" and self.meta["cuda_skip_reason"]:
+            raise Skip(f"cuda backend skipped by the build stage: {self.meta['cuda_skip_reason']}")
+
     # ---- time budget
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.t0)
@@ -417,6 +422,7 @@ def tau_cases(run: Run) -> None:
 
 
 def tau_case(run: Run, case, backend, R, K, V, dtype, T, mask_id, seed, baselines):
+    run.need(backend)
     dev = run.dev
     logits, block = tau_inputs(R, K, V, dtype, dev, seed)
     kw = dict(tau=0.9, m=1.0, floor=1, temperature=T)
@@ -519,6 +525,7 @@ def lfl_cases(run: Run) -> None:
 
 
 def lfl_case(run: Run, case, backend, N, V, seed, baselines):
+    run.need(backend)
     dev = run.dev
     g = gen(dev, seed)
     logits = (torch.randn(N, V, device=dev, generator=g) * 3).to(torch.bfloat16)
@@ -580,6 +587,7 @@ def mlp_cases(run: Run) -> None:
 
 
 def mlp_case(run: Run, case, backend, S, seed, baselines):
+    run.need(backend)
     dev = run.dev
     N, d, V, chunk = S["N"], S["d"], S["V"], S["chunk"]
     g = gen(dev, seed)
