@@ -1,8 +1,8 @@
 """CUDA backend of the decode step (csrc/tau_budget) against the definition in reference.py.
 
 Two layers:
-- CPU tests (no GPU needed): csrc/tau_budget/tau_budget.cu is compiled by nvcc with
-  SLIM_OPS_TAU_BUDGET_HOST_EMU into a host library that runs the kernels' own per-thread scan, warp/block
+- CPU tests (no GPU needed): csrc/tau_budget/tau_budget_host_check.cu (which includes tau_budget.cu) is compiled
+  by nvcc into a host library that runs the kernels' own per-thread scan, warp/block
   combine order, split combine and row selection on the CPU (ex2.approx / logf replaced by the host libm).
   Small shapes, vs reference.py.
 - GPU tests (`gpu` marker, run by benchmarks/gpu_check.sh): the real kernels at real sizes (V = 151936,
@@ -32,7 +32,7 @@ from slim_ops.ops.tau_budget import reference as ref
 from slim_ops.testing import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
-SRC = ROOT / "csrc" / "tau_budget" / "tau_budget.cu"
+SRC = ROOT / "csrc" / "tau_budget" / "tau_budget_host_check.cu"
 STRATEGY_IDS = {"tau_budget": 0, "threshold": 1, "topk": 2}
 DTYPE_IDS = _ext.DTYPE_CODES  # the one dtype-code table (csrc/dtype_codes.h)
 
@@ -155,7 +155,6 @@ def emu(tmp_path_factory):
     lib = tmp_path_factory.mktemp("tau_budget_emu") / "tau_budget_emu.so"
     cmd = [
         nvcc,
-        "-DSLIM_OPS_TAU_BUDGET_HOST_EMU",
         "-shared",
         "-Xcompiler",
         "-fPIC",
