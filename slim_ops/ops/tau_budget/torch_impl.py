@@ -30,12 +30,17 @@ def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temp
         z = flat[s0:s0 + step].float()
         mx, tok = first_max(z)  # first index among equal maxima; NaN propagates into mx
         bad = ~torch.isfinite(mx)  # NaN or +inf somewhere, or all -inf
-        if temperature == 0.0:
+        h = None
+        if temperature == 0.0 and ent is not None:  # c = 1/S from the entropy's own exp pass (e = 1 at the argmax)
+            if ebuf is None:
+                ebuf = torch.empty(2, min(step, n), V, dtype=torch.float32, device=z.device)
+            h, s = _entropy_chunk(z, mx[:, None], ebuf[0, : z.shape[0]], ebuf[1, : z.shape[0]])
+            c = 1.0 / s
+        elif temperature == 0.0:
             if buf is None:  # one scratch buffer per call: no fresh pages per chunk
                 buf = torch.empty(min(step, n), V, dtype=torch.float32, device=z.device)
             p = torch.ops.aten._softmax.out(z, -1, False, out=buf[: z.shape[0]])  # fused max/exp/sum/scale
             c = p.gather(1, tok[:, None])[:, 0]  # softmax(z)[argmax] = 1/Σexp(z − max)
-            zt, mt = z, mx[:, None]
         else:
             zt = z / temperature
             if top_k > 0 or top_p < 1.0:
@@ -47,24 +52,27 @@ def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temp
         tokens[s0:s0 + step] = torch.where(bad, mask_id, tok)
         conf[s0:s0 + step] = torch.where(bad, float("nan"), c)
         if ent is not None:
-            if ebuf is None:
-                ebuf = torch.empty(2, min(step, n), V, dtype=torch.float32, device=z.device)
-            h = _entropy_chunk(zt, mt, ebuf[0, : z.shape[0]], ebuf[1, : z.shape[0]])
+            if h is None:
+                if ebuf is None:
+                    ebuf = torch.empty(2, min(step, n), V, dtype=torch.float32, device=z.device)
+                h, _ = _entropy_chunk(zt, mt, ebuf[0, : z.shape[0]], ebuf[1, : z.shape[0]])
             ent[s0:s0 + step] = torch.where(bad, float("nan"), h)
     if ent is not None:
         return tokens.view(R, K), conf.view(R, K), ent.view(R, K)
     return tokens.view(R, K), conf.view(R, K)
 
 
-def _entropy_chunk(zt: torch.Tensor, mt: torch.Tensor, dbuf: torch.Tensor, ebuf: torch.Tensor) -> torch.Tensor:
-    """Entropy [n] of softmax(zt) for a chunk zt [n, V] with row max mt [n, 1], using two [n, V] scratch buffers.
+def _entropy_chunk(zt: torch.Tensor, mt: torch.Tensor, dbuf: torch.Tensor,
+                   ebuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy [n], S = Σ exp(zt − mt) [n]) of softmax(zt) for a chunk zt [n, V] with row max mt [n, 1], using two
+    [n, V] scratch buffers (d, then d·e in place; e).
 
     −inf logits give d = −inf, clamped to the lowest finite fp32 so that e·d = 0·(finite) = 0 (never NaN)."""
     d = torch.sub(zt, mt, out=dbuf).clamp_(min=torch.finfo(torch.float32).min)
     e = torch.exp(d, out=ebuf)
     s = e.sum(dim=-1)
-    w = torch.bmm(e[:, None, :], d[:, :, None])[:, 0, 0]  # Σ e·d without a third [n, V] buffer
-    return (torch.log(s) - w / s).clamp_(min=0.0)
+    w = d.mul_(e).sum(dim=-1)  # Σ e·d
+    return (torch.log(s) - w / s).clamp_(min=0.0), s
 
 
 _GROUP = 128
