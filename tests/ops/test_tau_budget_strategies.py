@@ -305,3 +305,16 @@ def test_gpu_real_vocab_selection_exact(backend, strategy, R, K, V, dtype):
                                        factor=1.0, rank=rank[r])
         assert torch.equal(out.commit[r].cpu(), ec) and int(out.num_committed[r]) == ek
         assert float(out.risk[r]) == erisk
+
+
+@pytest.mark.parametrize("strategy", ["entropy_bounded", "factor"])
+def test_compile_fullgraph(strategy):
+    logits, block = _inputs(2, 8, 50, 2)
+
+    def step(lg, bl):
+        out = slim_ops.tau_budget_step(lg, bl, 49, strategy=strategy, gamma=0.3, factor=1.5, backend="torch")
+        return out.block, out.risk
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    a, b = compiled(logits, block), step(logits, block)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
