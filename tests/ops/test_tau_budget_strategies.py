@@ -3,7 +3,6 @@ and defer_ids (LLaDA's confidence_eos_eot_inf), every backend against reference.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -272,7 +271,6 @@ def test_opcheck_new_arguments():
                                torch.tensor([3, 4])))
     torch.library.opcheck(torch.ops.slim_ops.tau_budget_select.default,
                           (torch.rand(2, 8), block == 49, tau32, bud, fl, 3, "torch", sp, torch.rand(2, 8), None))
-    assert np.isfinite(float(sp[0]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
