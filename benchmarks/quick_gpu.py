@@ -879,13 +879,13 @@ def main(args) -> int:
         return 2
     print(f"quick_gpu: device={run.meta['device']} torch={run.meta['torch']} triton={run.meta['triton']} "
           f"sizes={run.meta['sizes']} stage={run.meta['stage']} git={run.meta['git_sha'][:12]}", flush=True)
-    for op in OPS:  # every op file exists from the start, even if a later case crashes the process
-        if op in only:
-            run._write(op)
     plan = [("tau_budget", tau_cases), ("policy_loss", loss_cases), ("masked_logprob", lfl_cases),
             ("masked_logprob", mlp_cases), ("attention", attn_cases)]
     if args.stage3:  # the compile-heavy baselines belong to these ops only
         plan = [(op, fn) for op, fn in plan if op in ("tau_budget", "attention") or fn is mlp_cases]
+    for op in OPS:  # every op file exists from the start, even if a later case crashes the process
+        if op in only and any(op == p for p, _ in plan):
+            run._write(op)
     for op, fn in plan:
         if op in only:
             try:
