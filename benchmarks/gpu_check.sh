@@ -22,9 +22,10 @@
 #   run(command="GIT_SHA=<sha> bash benchmarks/gpu_check.sh --stage3", timeout_s=540)
 # Then commit the results at once (a result that is not committed is lost):
 #   tar xzf <files_at>/gpu_check_<date>-<device>.tar.gz -C benchmarks/results/
-#     -> benchmarks/results/<UTC date>-<device>/: summary.json, tau_budget_<device>.json,
+#     -> benchmarks/results/<UTC date>-<device>/: summary.json, README.md, tau_budget_<device>.json,
 #        masked_logprob_<device>.json, policy_loss_<device>.json, attention_<device>.json, gpu_check.log, logs/
-#   add benchmarks/results/<UTC date>-<device>/README.md (what the numbers show, which cases failed), then
+#   edit benchmarks/results/<UTC date>-<device>/README.md (the run's table is there; add what the numbers show
+#   and name every kernel found wrong), then
 #   git add benchmarks/results/<UTC date>-<device> && git commit -m "results: GPU evidence on <device>"
 #
 # Options: --dry-run   the same flow on the CPU (tiny shapes, Triton interpreter, CUDA backend skipped with a
@@ -150,35 +151,44 @@ finish() {
   [ "$rc" = 0 ] && [ "$FAILED" != 0 ] && rc=1
   summ set "finished=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "total_seconds=$(elapsed)" "exit_code=$rc"
   say "== result ($(elapsed) s, exit $rc) =="
-  "$PY" - "$SUMMARY" <<'PY' 2>&1 | tee -a "$LOG"
-import json, sys
+  "$PY" - "$SUMMARY" "$RES/README.md" <<'PY' 2>&1 | tee -a "$LOG"
+import contextlib, io, json, sys
 d = json.load(open(sys.argv[1]))
-for s in d.get("stages", []):
-    print(f"stage {s['stage']} {s['name']:<14} {s['status']:<8} {s['seconds']:>4} s  {s['note']}")
-cb = d.get("cuda_backend")
-if cb:
-    print(f"CUDA backend: {'built (' + str(cb.get('how')) + ')' if cb.get('built') else 'skipped: ' + str(cb.get('reason'))}")
-for op, p in d.get("ops", {}).items():
-    cases = p.get("cases", [])
-    ok = sum(bool(c.get("correct")) for c in cases)
-    print(f"{op}: {ok}/{len(cases)} correct, {len(p.get('skipped', []))} skipped")
-    for c in cases:
-        ms = c.get("ms")
-        ms = f"{ms:10.4f} ms" if isinstance(ms, (int, float)) else "         - ms"
-        err = c.get("rel_err")
-        err = f"{err:.1e}" if isinstance(err, (int, float)) else str(err)
-        base = ", ".join(f"{k} {v:.4g}" for k, v in c.get("baselines", {}).items()
-                         if isinstance(v, (int, float)) and not k.endswith(("_mib", "_tflops")))
-        print(f"  {'ok ' if c.get('correct') else 'BAD'} {c['name'][:58]:<58} rel {err:>8} {ms}  [{base}]"
-              + (f"  {c['error'][:160]}" if c.get("error") else ""))
-    for s in p.get("skipped", []):
-        print(f"  skip {s['name']}: {s['reason'][:150]}")
-t = d.get("tests")
-if t:
-    print(f"pytest -m gpu: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
-          f"{t.get('skipped', 0)} skipped, {t.get('not_run', 0)} not reached")
-    for f in t.get("failures", [])[:30]:
-        print(f"  FAILED {f}")
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    for s in d.get("stages", []):
+        print(f"stage {s['stage']} {s['name']:<14} {s['status']:<8} {s['seconds']:>4} s  {s['note']}")
+    cb = d.get("cuda_backend")
+    if cb:
+        print(f"CUDA backend: {'built (' + str(cb.get('how')) + ')' if cb.get('built') else 'skipped: ' + str(cb.get('reason'))}")
+    for op, p in d.get("ops", {}).items():
+        cases = p.get("cases", [])
+        ok = sum(bool(c.get("correct")) for c in cases)
+        print(f"{op}: {ok}/{len(cases)} correct, {len(p.get('skipped', []))} skipped")
+        for c in cases:
+            ms = c.get("ms")
+            ms = f"{ms:10.4f} ms" if isinstance(ms, (int, float)) else "         - ms"
+            err = c.get("rel_err")
+            err = f"{err:.1e}" if isinstance(err, (int, float)) else str(err)
+            base = ", ".join(f"{k} {v:.4g}" for k, v in c.get("baselines", {}).items()
+                             if isinstance(v, (int, float)) and not k.endswith(("_mib", "_tflops")))
+            print(f"  {'ok ' if c.get('correct') else 'BAD'} {c['name'][:58]:<58} rel {err:>8} {ms}  [{base}]"
+                  + (f"  {c['error'][:160]}" if c.get("error") else ""))
+        for s in p.get("skipped", []):
+            print(f"  skip {s['name']}: {s['reason'][:150]}")
+    t = d.get("tests")
+    if t:
+        print(f"pytest -m gpu: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('errors', 0)} errors, "
+              f"{t.get('skipped', 0)} skipped, {t.get('not_run', 0)} not reached")
+        for f in t.get("failures", [])[:30]:
+            print(f"  FAILED {f}")
+sys.stdout.write(buf.getvalue())
+with open(sys.argv[2], "w") as f:
+    f.write(f"# GPU check {d.get('run')} ({d.get('device')}, commit {d.get('git_sha')})\n\n"
+            "The table below is the run's own summary (benchmarks/gpu_check.sh); every number is in summary.json\n"
+            "and the per-op JSON files. Whoever commits the run writes above the table what the numbers show\n"
+            "and names every kernel found wrong on the GPU.\n\n"
+            "```\n" + buf.getvalue() + "```\n")
 PY
   tar -czf "$OUT/$ARCHIVE" -C "$WORK" "$RUN_NAME" 2>&1 | tee -a "$LOG"
   cp "$SUMMARY" "$OUT/summary.json"
