@@ -363,3 +363,48 @@ def test_load_with_local_tokenizer_folder(tmp_path):
     _char_tokenizer(tmp_path / "big", [chr(ord("a") + i) for i in range(26)] + [chr(ord("A") + i) for i in range(26)])
     with pytest.raises(CheckpointError, match="has 54 tokens but the model's vocabulary is 50"):
         load(tmp_path / "ckpt", "dream", tokenizer=tmp_path / "big")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the JSONL math task (configs/math_sample.jsonl) end to end: tokenizer folder + checkpoint folder -> RL steps
+# ---------------------------------------------------------------------------------------------------------------
+
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                      "math_sample.jsonl")
+RL_TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+           "sft.steps=0", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.block_size=4",
+           "rollout.steps_per_block=4", "rollout.max_new_tokens=8", "rollout.truncation_margin=1",
+           "task.num_eval=4", "eval.every=0", "train.tensorboard=false", "train.threads=1",
+           "train.progress=false", "advantage.filter_groups=false", "optim.micro_batch_rows=4", "train.steps=2",
+           "task.name=jsonl", f"task.path={SAMPLE}", "task.reward=math"]
+
+
+def test_jsonl_math_task_runs_rl_steps(tmp_path):
+    from slim_rl.config import ConfigError, check_files, load_config
+    from slim_rl.trainer import Trainer
+
+    with open(SAMPLE) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) >= 32 and all(set(r) == {"prompt", "answer"} for r in rows)
+    chars = sorted(set("".join(r["prompt"] for r in rows)) | set("0123456789\\{}"))
+    tok = tmp_path / "tok"
+    _char_tokenizer(tok, ["?", "<eos>"] + [c for c in chars if c != "?"])
+    ckpt = tmp_path / "ckpt"
+    V = len(chars) + 8
+    tiny("sdar", vocab_size=V, seed=0, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1).save_pretrained(ckpt)
+    cfg = check_files(load_config(None, RL_TINY + [f"task.tokenizer={tok}", f"model.path={ckpt}",
+                                                   f"train.out_dir={tmp_path / 'run'}"]))
+    tr = Trainer(cfg)
+    assert tr.model.get_output_embeddings().weight.shape[0] == V
+    tr.train()
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in recs if "reward" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["reward"]) for r in steps)
+    # a checkpoint whose vocabulary is smaller than the tokenizer's fails before any model is built
+    small = tmp_path / "small"
+    tiny("sdar", vocab_size=16, seed=0, hidden_size=32, num_layers=1, num_heads=2,
+         num_kv_heads=1).save_pretrained(small)
+    with pytest.raises(ConfigError, match="tokens but the model's vocabulary is 16"):
+        check_files(load_config(None, RL_TINY + [f"task.tokenizer={tok}", f"model.path={small}",
+                                                 f"train.out_dir={tmp_path / 'run2'}"]))
