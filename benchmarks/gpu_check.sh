@@ -91,7 +91,8 @@ FAILED=0
 say() { printf '%s\n' "$*" | tee -a "$LOG"; }
 elapsed() { echo $(( $(date +%s) - T_START )); }
 
-# summary.json helper (plain python, no torch): summ set key=<json or text> ... | summ stage <n> <name> <rc> <s> <note>
+# summary.json helper (plain python, no torch): summ set key=<json> ... | summ str key=<text> ... |
+# summ stage <n> <name> <rc> <seconds> <note>
 summ() {
   "$PY" - "$SUMMARY" "$@" <<'PY'
 import json, os, sys
@@ -106,14 +107,14 @@ def val(s):
         return json.loads(s)
     except ValueError:
         return s
-if mode == "set":
+if mode in ("set", "str"):  # set: values are JSON when they parse as JSON; str: always text
     for pair in rest:
         key, _, v = pair.partition("=")
         cur = d
         *parents, last = key.split(".")
         for k in parents:
             cur = cur.setdefault(k, {})
-        cur[last] = val(v)
+        cur[last] = val(v) if mode == "set" else v
 elif mode == "stage":
     n, name, rc, secs, note = rest
     rc = int(rc)
@@ -149,7 +150,8 @@ finish() {
   [ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
   if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; fi
   [ "$rc" = 0 ] && [ "$FAILED" != 0 ] && rc=1
-  summ set "finished=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "total_seconds=$(elapsed)" "exit_code=$rc"
+  summ str "finished=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  summ set "total_seconds=$(elapsed)" "exit_code=$rc"
   say "== result ($(elapsed) s, exit $rc) =="
   "$PY" - "$SUMMARY" "$RES/README.md" <<'PY' 2>&1 | tee -a "$LOG"
 import contextlib, io, json, sys
@@ -210,9 +212,9 @@ say "time plan (GPU run): stage 0 $G0 s + stage 1 $G1 s + stage 2 $G2 s; stages 
     "($((PLAN_TOTAL / 60)).$((PLAN_TOTAL % 60 * 10 / 60)) min); stage 3: $G3 s in a second call"
 [ "$DRY" = 1 ] && say "dry-run budgets (CPU): stage 0 $B0 s, stage 1 $B1 s, stage 2 $B2 s, stage 3 $B3 s"
 say "watchdog: ${WATCHDOG_S} s; results: $OUT/$ARCHIVE"
-summ set "run=$RUN_NAME" "dry_run=$([ "$DRY" = 1 ] && echo true || echo false)" "stages_requested=$STAGES" \
-  "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "git_sha=${GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" \
-  "device=$GPU_NAME" \
+summ str "run=$RUN_NAME" "stages_requested=$STAGES" "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+  "git_sha=${GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}" "device=$GPU_NAME"
+summ set "dry_run=$([ "$DRY" = 1 ] && echo true || echo false)" \
   "time_plan_s={\"stage0\": $G0, \"stage1\": $G1, \"stage2\": $G2, \"stages_0_2\": $PLAN_TOTAL, \"stage3\": $G3}" \
   "budgets_s={\"stage0\": $B0, \"stage1\": $B1, \"stage2\": $B2, \"stage3\": $B3, \"watchdog\": $WATCHDOG_S}"
 export GIT_SHA=${GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
