@@ -492,7 +492,9 @@ int tau_budget_step_cpu(const void* logits, int dtype, int64_t R, int64_t K, int
   const uint64_t sd = sample ? static_cast<uint64_t>(*seed) : 0;
   const uint32_t lo = static_cast<uint32_t>(sd), hi = static_cast<uint32_t>(sd >> 32);
   const int64_t slots = R * K;
-  parallel_for(slots, n_threads, [&](int64_t i) {
+  // below ~256K logits a thread start (tens of microseconds) costs more than it saves
+  const int threads = slots * std::max<int64_t>(V, 1) < (int64_t{1} << 18) ? 1 : n_threads;
+  parallel_for(slots, threads, [&](int64_t i) {
     const int64_t r = i / K, j = i - r * K;
     const char* row = static_cast<const char*>(logits) + static_cast<size_t>(r * stride_r + j * stride_k) * esize;
     const uint32_t key = mix32(hi ^ mix32(lo + static_cast<uint32_t>(i)));

@@ -287,7 +287,7 @@ def test_ties_take_the_lowest_index():
 
 def test_threads_and_empty():
     gen = torch.Generator().manual_seed(41)
-    R, K, V, mask_id = 5, 9, 3001, 0
+    R, K, V, mask_id = 5, 9, 6007, 0  # > 2^18 logits: the kernel starts its worker threads
     logits = torch.randn(R, K, V, generator=gen)
     block = make_block(R, K, mask_id, gen)
     tau, m, floor, tau32, bud, fl = row_params(R, gen)
