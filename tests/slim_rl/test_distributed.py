@@ -1,17 +1,24 @@
-"""Multi-process training (issue 6, acceptance 4): ``torchrun --nproc_per_node=2`` on CPU (gloo) runs the
-trainer, and two processes take the same loss and update as one process for the same global batch, both
-with data parallelism (``dist.strategy=ddp``) and with FSDP2 sharding (``dist.strategy=fsdp``).
+"""Multi-process training: ``torchrun --nproc_per_node=2`` on CPU (gloo) runs the trainer, and two processes
+take the same loss and update as one process for the same global batch, both with
+``DistributedDataParallel`` (``dist.strategy=ddp``) and with FSDP2 sharding (``dist.strategy=fsdp``); no
+``[n, V]`` logits tensor is allocated in a training step under either; and a ``torchrun ... -m slim_rl
+train`` FSDP2 run killed mid-run and resumed reproduces the uninterrupted run's metrics.
 
-The test launches this file under torchrun in worker mode (``python test_distributed.py OUT``)."""
+The first test launches this file under torchrun in worker mode (``python test_distributed.py OUT ...``)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from torch._library.custom_ops import _maybe_get_opdef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
@@ -39,6 +46,64 @@ def _fixed_batch(pad_id: int, eos_id: int):
     return RolloutBatch(prompts, torch.arange(5).repeat_interleave(3), ids, lens, smap, rewards)
 
 
+class AllocationRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an aten op produces. slim_ops custom ops are run through their
+    Python implementations with the recorder active, so their own allocations are seen too (a custom op
+    is otherwise opaque to dispatch modes); the rows each ``masked_logprob`` call scores are noted."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+        self.logprob_rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "slim_ops":
+            if "masked_logprob" in str(func) and "bwd" not in str(func):
+                self.logprob_rows.append(int(args[0].shape[0]))
+            with self:
+                out = _maybe_get_opdef(func)._init_fn(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+    def full_vocab(self, V: int, d: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Tensors with a vocabulary-sized dimension bigger than the [V, d] head itself: [n, V] logits
+        (or any [n, V] temporary) with n > d rows."""
+        return [(op, sh) for op, sh in self.shapes if V in sh and torch.Size(sh).numel() > V * d]
+
+
+ALLOC_V, ALLOC_D = 640, 32
+TILE = 1 << 12
+
+
+def alloc_setup(extra=()):
+    """A trainer with a vocabulary large enough that [n, V] stands out (V=640 > d=32, n > d rows per
+    micro-batch) and a fixed batch. Callers cut the masked log-prob op's tile to 256 vocabulary columns
+    (``TILE``), so that a whole-vocabulary tile would show too."""
+    from slim_rl.config import load_config
+    from slim_rl.trainer import RolloutBatch, Trainer
+
+    cfg = load_config(None, TINY + ["task.name=jsonl", "task.path=unused", "task.tokenizer=unused",
+                                    f"model.vocab_size={ALLOC_V}", f"model.hidden_size={ALLOC_D}",
+                                    "optim.micro_batch_rows=48", "objective.name=slim", "train.out_dir=/unused",
+                                    *extra])
+    tr = Trainer(cfg, task=object())
+    g = torch.Generator().manual_seed(7)
+    n, L1 = 8, 16
+    lens = torch.randint(8, L1 + 1, (n,), generator=g)
+    ids = torch.randint(0, ALLOC_V - 3, (n, L1), generator=g)
+    ids[torch.arange(n), lens - 1] = tr.eos_id
+    ids = torch.where(torch.arange(L1)[None] < lens[:, None], ids, tr.pad_id)
+    prompts = [[int(x) for x in torch.randint(0, ALLOC_V - 3, (5,), generator=g)] for _ in range(n)]
+    batch = RolloutBatch(prompts, torch.arange(4).repeat_interleave(2), ids, lens,
+                         torch.zeros(n, L1, dtype=torch.int64), torch.tensor([1., 0] * 4))
+    return tr, batch
+
+
 def worker(out: str, objective: str, strategy: str) -> None:
     from slim_rl import distributed as D
     from slim_rl.config import load_config
@@ -56,9 +121,18 @@ def worker(out: str, objective: str, strategy: str) -> None:
     # and the full loop (rollouts split over ranks and gathered) runs under torchrun
     tr.cfg.train.steps = 3
     hist = tr.train()
+    # no [n, V] tensor in a training step (logp_old pass + update) of this strategy
+    from slim_ops.ops.masked_logprob import op as lp_op
+
+    lp_op.TORCH_TILE_ELEMS = TILE
+    atr, abatch = alloc_setup([f"dist.strategy={strategy}"])
+    with AllocationRecorder() as recorder:
+        arec = atr.update(abatch, 1)
     if tr.info.rank == 0:
         torch.save({"rec": rec, "params": params, "world": tr.info.world, "steps": [r["step"] for r in hist],
-                    "rollouts": hist[-1]["rollouts"]}, out)
+                    "rollouts": hist[-1]["rollouts"], "alloc_full_vocab": recorder.full_vocab(ALLOC_V, ALLOC_D),
+                    "alloc_rows": recorder.logprob_rows, "alloc_rec": arec,
+                    "alloc_head": type(atr.scorer).__name__}, out)
     D.barrier(tr.info)
     D.shutdown(tr.info)
 
@@ -88,6 +162,108 @@ def test_two_processes_equal_one(tmp_path, objective, strategy):
     assert one["rec"]["kl"] > 0
     # the trainer loop ran under torchrun with the global rollout budget
     assert two["steps"] == [1, 2, 3] and two["rollouts"] == 3 * 5 * 3
+    # no [n, V] logits in a training step: the head weight reaches masked_logprob whole (DDP: replicated;
+    # FSDP2: gathered by the root unit) and every call scores more rows than the hidden size
+    for res, wrapper in ((one, "Scorer"), (two, "DistributedDataParallel" if strategy == "ddp" else "FSDPScorer")):
+        assert res["alloc_head"] == wrapper
+        assert res["alloc_full_vocab"] == [], res["alloc_full_vocab"][:5]
+        assert res["alloc_rows"] and max(res["alloc_rows"]) > ALLOC_D, res["alloc_rows"]
+        assert res["alloc_rec"]["rows"] == 24 and res["alloc_rec"]["grad_norm"] > 0
+
+
+def test_the_allocation_check_sees_full_logits(monkeypatch):
+    """The recorder flags a [n, V] tensor when one is made (so the distributed check can fail)."""
+    from slim_ops.ops.masked_logprob import op as lp_op
+
+    monkeypatch.setattr(lp_op, "TORCH_TILE_ELEMS", TILE)
+    tr, batch = alloc_setup()
+    hs = torch.randn(ALLOC_D + 8, ALLOC_D)
+    with AllocationRecorder() as recorder:
+        tr.model.get_output_embeddings()(hs)
+    assert recorder.full_vocab(ALLOC_V, ALLOC_D)
+    with AllocationRecorder() as recorder:                         # one process: the plain path is clean
+        rec = tr.update(batch, 1)
+    assert recorder.full_vocab(ALLOC_V, ALLOC_D) == [] and max(recorder.logprob_rows) > ALLOC_D
+    assert rec["rows"] == 24
+
+
+# ---------------------------------------------------------------- torchrun -m slim_rl train: kill + resume
+CLI_TINY = ["task.digits=1", "task.num_eval=20", "rollout.prompts_per_step=8", "rollout.group_size=4",
+            "eval.every=0", "train.tensorboard=false", "advantage.filter_groups=false", "optim.epochs=2",
+            "optim.minibatches=2", "optim.micro_batch_rows=8", "sft.steps=0", "train.keep_checkpoints=0"]
+_VOLATILE = {"rollout_s", "step_s"}
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_fsdp_torchrun_kill_and_resume_equals_uninterrupted(tmp_path):
+    """``torchrun --nproc_per_node=2 -m slim_rl train --config configs/demo.yaml dist.strategy=fsdp
+    train.checkpoint_every=1``: every rank writes its shard of every checkpoint; a run SIGKILLed from
+    outside after its second checkpoint and resumed with ``--resume`` gives exactly the uninterrupted
+    run's metrics and weights. The start model is a short SFT of the demo task, exported (so rollouts
+    earn some reward and every RL step really moves the weights)."""
+    from slim_rl import checkpoint as C
+    from slim_rl.config import load_config
+    from slim_rl.trainer import build_model
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python")]),
+           "OMP_NUM_THREADS": "1"}
+    sft = str(tmp_path / "sft")
+    size = ["model.hidden_size=64", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1"]
+    r = subprocess.run([sys.executable, "-m", "slim_rl", "train", "--quiet", "--out", sft, *size, *CLI_TINY,
+                        "sft.steps=300", "sft.batch_size=32", "sft.warmup_steps=5", "task.demo_error=0.3",
+                        "train.steps=0"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = str(tmp_path / "start")
+    r = subprocess.run([sys.executable, "-m", "slim_rl", "export", "--out", sft, "--to", start], env=env,
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = 5
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slim_rl",
+           "train", "--quiet", "--config", "configs/demo.yaml", "dist.strategy=fsdp", "train.checkpoint_every=1",
+           *CLI_TINY, f"model.path={start}", f"train.steps={steps}"]
+    a, b = str(tmp_path / "A"), str(tmp_path / "B")
+    r = subprocess.run(cmd + ["--out", a], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # B: killed from outside (the whole torchrun process group) once checkpoint 2 is committed
+    p = subprocess.Popen(cmd + ["--out", b], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        ck = C.latest_checkpoint(os.path.join(b, "checkpoints"))
+        if ck is not None and C.checkpoint_step(ck) >= 2:
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, p.returncode
+    assert not os.path.exists(os.path.join(b, "summary.json"))
+    done = len(_records(os.path.join(b, "metrics.jsonl")))
+    assert 2 <= done < steps
+    ck2 = os.path.join(b, "checkpoints", "step_00000002")
+    assert {"__0_0.distcp", "__1_0.distcp", "rng_0.pt", "rng_1.pt", "manifest.json"} <= set(os.listdir(ck2))
+    r = subprocess.run(cmd + ["--out", b, "--resume"], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ra, rb = _records(os.path.join(a, "metrics.jsonl")), _records(os.path.join(b, "metrics.jsonl"))
+    assert [x["step"] for x in ra] == list(range(1, steps + 1)) == [x["step"] for x in rb]
+    resumed = json.loads(open(os.path.join(b, "summary.json")).read())["resumed_from"]
+    for x, y in zip(ra, rb):
+        for k in x:
+            if k not in _VOLATILE:
+                assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9), (x["step"], k, x[k], y[k], done, resumed)
+    assert any(x.get("grad_norm", 0.0) > 0 for x in ra) and any(x["reward"] > 0 for x in ra)
+    # the final weights too (loaded from the sharded checkpoints by one process)
+    cfg = load_config(os.path.join(a, "config.yaml"))
+    wa, wb, w0 = build_model(cfg), build_model(cfg), build_model(cfg)
+    C.load_weights(os.path.join(a, "checkpoints", f"step_{steps:08d}"), wa)
+    C.load_weights(os.path.join(b, "checkpoints", f"step_{steps:08d}"), wb)
+    for (n, x), y in zip(wa.named_parameters(), wb.parameters()):
+        assert torch.equal(x, y), n
+    assert any(not torch.equal(x, z) for x, z in zip(wa.parameters(), w0.parameters()))
 
 
 if __name__ == "__main__":
