@@ -7,9 +7,16 @@ import pytest
 import torch
 
 import slim_ops
-from slim_ops.ops.tau_budget.reference import random_rank, select_row_ref, slot_entropy_ref, tau_budget_step_ref
+from slim_ops.ops.tau_budget.reference import (
+    gumbel_noise,
+    random_rank,
+    select_row_ref,
+    slot_entropy_ref,
+    slot_ref,
+    tau_budget_step_ref,
+)
 from slim_ops.ops.tau_budget.torch_impl import slot_pass_torch
-from slim_ops.testing import assert_close
+from slim_ops.testing import assert_close, poison_like
 
 # triton runs through the interpreter on the CPU (tests/conftest.py); cpp where the C++ extension is built
 BACKENDS = ["torch", "triton"] + [b for b in ("cpp", "cuda") if b in slim_ops.available_backends(
@@ -292,8 +299,13 @@ def test_gpu_real_vocab_selection_exact(backend, strategy, R, K, V, dtype):
     gen = torch.Generator("cuda").manual_seed(1)
     out = slim_ops.tau_budget_step(logits, block, 5, strategy=strategy, generator=gen, backend=backend, **kw)
     assert torch.equal(out.tokens, logits.float().argmax(-1))
-    _, _, ent = slot_pass_torch(logits, 5, torch.zeros(1, dtype=torch.int64, device="cuda"), 0.0,
-                                return_entropy=True)
+    if backend == "triton":  # entropy_bounded ranks the entropies of the fused pass (ENTROPY)
+        from slim_ops.ops.tau_budget.triton import slot_pass_triton
+
+        _, _, ent = slot_pass_triton(logits, 5, torch.zeros(1, dtype=torch.int64, device="cuda"), 0.0, entropy=True)
+    else:
+        _, _, ent = slot_pass_torch(logits, 5, torch.zeros(1, dtype=torch.int64, device="cuda"), 0.0,
+                                    return_entropy=True)
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=torch.Generator("cuda").manual_seed(1), device="cuda",
                          dtype=torch.int64).cpu()
     rank = random_rank(seed, torch.arange(R * K)).view(R, K)
@@ -316,3 +328,148 @@ def test_compile_fullgraph(strategy):
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     a, b = compiled(logits, block), step(logits, block)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# triton: the entropy from the fused pass over V (ENTROPY), against slot_entropy_ref
+# ---------------------------------------------------------------------------------------------------------------
+
+def _slot_refs(logits, temperature, seed):
+    """(tokens, confidence, entropy) [R, K] of reference.py slot by slot (mask_id V-1, NaN for invalid slots)."""
+    R, K, V = logits.shape
+    tok = torch.empty(R, K, dtype=torch.int64)
+    conf = torch.empty(R, K)
+    ent = torch.full((R, K), float("nan"))
+    for r in range(R):
+        for j in range(K):
+            z = logits[r, j].float()
+            noise = gumbel_noise(seed, torch.tensor([r * K + j]), V)[0] if temperature > 0 else None
+            x0, c = slot_ref(z, temperature, noise)
+            tok[r, j], conf[r, j] = (V - 1 if x0 is None else x0), c
+            if x0 is not None:
+                ent[r, j] = slot_entropy_ref(z, temperature)
+    return tok, conf, ent
+
+
+def _triton_slots(logits, temperature, seed):
+    from slim_ops.ops.tau_budget.triton import slot_pass_triton
+
+    R, K, V = logits.shape
+    out = (poison_like(torch.empty(R, K, dtype=torch.int64, device=DEV)),
+           poison_like(torch.empty(R, K, dtype=torch.float32, device=DEV)),
+           poison_like(torch.empty(R, K, dtype=torch.float32, device=DEV)))
+    got = slot_pass_triton(logits.to(DEV), V - 1, seed.to(DEV), temperature, entropy=True, out=out)
+    assert all(a is b for a, b in zip(got, out, strict=True))
+    return tuple(t.cpu() for t in out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_triton_entropy_slot_pass_matches_reference(dtype, temperature):
+    """Entropy (and tokens / confidence) of the ENTROPY slot pass against reference.py on many seeds and shapes:
+    one tile and several (the last one partial), flat and very peaked logits, ties, partly -inf, invalid slots."""
+    shapes = [(1, 1, 1), (2, 3, 5), (3, 4, 300), (2, 3, 1151), (1, 3, 3000)]
+    for seed in range(10):
+        R, K, V = shapes[seed % len(shapes)]
+        g = torch.Generator().manual_seed(1000 + seed)
+        sharp = [0.01, 1.0, 4.0, 30.0, 200.0][seed % 5]
+        logits = torch.randn(R, K, V, generator=g) * sharp + 5.0 * (seed % 2)
+        if V >= 5:
+            logits[0, 0, : V // 2] = float("-inf")  # partly -inf: still a distribution
+            logits[0, 0, V - 2] = logits[0, 0].max()  # tied maxima
+        if K >= 3:
+            logits[0, 2] = logits[0, 0]  # tied slots
+            bad = [float("nan"), float("inf"), float("-inf")][seed % 3]
+            logits[-1, 1, :] = bad if seed % 3 == 2 else logits[-1, 1, :]
+            logits[-1, 1, V // 3] = bad
+        logits = logits.to(dtype)
+        s = torch.randint(-(2**63), 2**63 - 1, (1,), generator=g, dtype=torch.int64)
+        tok, conf, ent = _triton_slots(logits, temperature, s)
+        rtok, rconf, rent = _slot_refs(logits, temperature, s)
+        assert torch.equal(tok, rtok), (seed, tok, rtok)
+        assert_close(conf, rconf, name=f"confidence seed={seed}", atol=2e-6, rtol=2e-5)
+        assert_close(ent, rent, name=f"entropy seed={seed}")  # the fp32 row of the tolerance table
+        assert (ent[~torch.isnan(ent)] >= 0).all()
+        if K >= 3:
+            assert torch.equal(ent[0, 0], ent[0, 2])  # tied slots: bit-equal entropies (their order by index)
+            assert torch.isnan(ent[-1, 1]) and torch.isnan(conf[-1, 1]) and tok[-1, 1] == V - 1
+
+
+def test_triton_entropy_counts_tiles_whose_noise_is_skipped():
+    """Sampling: tiles that cannot beat the running best Gumbel score skip the noise, never the entropy. Tile 0
+    holds a dominant logit; every later tile (7 of 8) sits 17 to 21 below the best score, so all of them are
+    skipped, yet they carry almost all of the entropy (H ~ 0.027 here, ~3e-9 without them; an accumulation
+    that skipped them with the noise is off by ~1e-3, ten times the tolerance)."""
+    V = 8192
+    s = torch.tensor([20261130], dtype=torch.int64)
+    g0 = float(gumbel_noise(s, torch.tensor([0]), V)[0, 0])
+    logits = torch.zeros(1, 1, V)
+    logits[0, 0, 0] = 30.0
+    spread = torch.rand(V - 1024, generator=torch.Generator().manual_seed(5)) * 4.0  # varied within every lane
+    logits[0, 0, 1024:] = 30.0 + g0 - 17.0 - spread  # max z + 16.75 < best = 30 + g0: never worth the noise
+    assert 30.0 + g0 > 17.0  # tile 0's best is its dominant logit (the other noise is < 17)
+    tok, conf, ent = _triton_slots(logits, 1.0, s)
+    rtok, rconf, rent = _slot_refs(logits, 1.0, s)
+    assert int(tok[0, 0]) == int(rtok[0, 0]) == 0
+    assert rent[0, 0] > 1e-3
+    assert_close(ent, rent, name="entropy with skipped tiles")
+
+
+def test_triton_entropy_bounded_uses_the_fused_pass(monkeypatch):
+    """backend="triton" takes entropy_bounded's entropy from the kernel: the torch slot pass is never called."""
+    import slim_ops.ops.tau_budget.torch_impl as torch_impl
+
+    def fail(*a, **k):
+        raise AssertionError("torch slot pass called for the triton backend")
+
+    monkeypatch.setattr(torch_impl, "slot_pass_torch", fail)
+    monkeypatch.setattr(torch_impl, "tau_budget_step_torch", fail)
+    logits, block = _inputs(2, 8, 300, 3)
+    for T in (0.0, 0.9):
+        out, ref = _run("triton", "entropy_bounded", logits, block, temperature=T, seed=4, floor=1, gamma=0.4,
+                        defer_ids=[int(logits[0, 0].argmax())])
+        _check(out, ref)
+
+
+def test_triton_entropy_bounded_step_many_seeds():
+    """The triton step with entropy_bounded equals tau_budget_step_ref exactly (commits, tokens, counts) on random
+    shapes, dtypes, temperatures, per-row γ / floors, deferred ids and masked fractions."""
+    for seed in range(12):
+        g = torch.Generator().manual_seed(7000 + seed)
+        R = int(torch.randint(1, 4, (1,), generator=g))
+        K = [1, 3, 8, 16, 33][seed % 5]
+        V = [7, 130, 1100][seed % 3]
+        dtype = [torch.float32, torch.bfloat16, torch.float16][seed % 3]
+        logits, block = _inputs(R, K, V, 7000 + seed, frac_masked=[0.3, 0.8, 1.0][seed % 3],
+                                sharp=[0.5, 3.0, 10.0][seed % 3], dtype=dtype)
+        if seed % 4 == 1:
+            logits[0, 0, 2] = float("nan")
+        per_row = seed % 2 == 0
+        gamma = torch.tensor([0.0, 0.1, 0.7, 3.0], dtype=torch.float64)[torch.randint(0, 4, (R,), generator=g)]
+        floor = torch.randint(0, K + 2, (R,), generator=g)
+        kw = dict(gamma=gamma, floor=floor) if per_row else dict(gamma=float(gamma[0]), floor=int(floor[0]))
+        if seed % 3 == 1:
+            kw["defer_ids"] = [int(logits[0, -1].float().argmax()), 3]
+        out, ref = _run("triton", "entropy_bounded", logits, block, temperature=[0.0, 1.0, 0.5][seed % 3],
+                        seed=seed, tau=0.9, **kw)
+        _check(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("V,dtype", [(151936, torch.bfloat16), (126464, torch.float16), (32000, torch.float32)])
+def test_gpu_triton_entropy_real_vocab(V, dtype, temperature):
+    """The compiled ENTROPY pass (fast log2 Gumbel, cp.async pipeline) on real vocabularies: tokens exact and the
+    entropy within the fp32 tolerance of reference.py, flat to very peaked slots, poisoned outputs."""
+    g = torch.Generator().manual_seed(V)
+    R, K = 2, 8
+    logits = torch.randn(R, K, V, generator=g) * torch.tensor([0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 3.0, 3.0])[:, None]
+    logits[0, 6, V // 2:] = float("-inf")
+    logits[1, 7, 17] = float("nan")
+    logits = logits.to(dtype)
+    s = torch.randint(-(2**63), 2**63 - 1, (1,), generator=g, dtype=torch.int64)
+    tok, conf, ent = _triton_slots(logits, temperature, s)
+    rtok, rconf, rent = _slot_refs(logits, temperature, s)
+    assert torch.equal(tok, rtok)
+    assert_close(conf, rconf, name="confidence", atol=2e-6, rtol=2e-5)
+    assert_close(ent, rent, name="entropy")

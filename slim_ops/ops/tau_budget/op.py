@@ -178,9 +178,14 @@ def _split_step(logits, block, mask_id, tau32, bud, floor, seed, temperature, st
 
     factor, random and the SPEC rules with ``defer_ids`` need only (tokens, confidence) from the slot pass: every
     backend's own fused step, run with strategy topk and floor 0 (it commits nothing), gives them, so the result
-    is exact for every backend. entropy_bounded also needs the per-slot entropy, which the triton / cuda / cpu
-    kernels do not produce yet: its slot pass runs in the torch backend (chunked, same function) whatever
-    ``backend`` says, until a kernel fuses it."""
+    is exact for every backend. entropy_bounded also needs the per-slot entropy: the triton kernel computes it in
+    the same pass over V (ENTROPY); for the cuda / cpp backends (and top-k / top-p sampling) its slot pass runs
+    in the torch backend (chunked, same function) until their kernels fuse it."""
+    if strategy_id == 3 and backend == "triton" and not (temperature > 0 and (top_k > 0 or top_p < 1.0)):
+        from .triton import tau_budget_step_entropy_triton
+
+        return tau_budget_step_entropy_triton(logits, block, mask_id, tau32, bud, floor, seed, temperature, sparam,
+                                              defer_ids)
     if backend == "torch" or strategy_id == 3:
         return tau_budget_step_torch(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id,
                                      top_k, top_p, sparam, defer_ids)
@@ -268,8 +273,9 @@ def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float |
             reference.py seeded by ``generator``). Every rule is clamped to |M| and takes at least f slots where M
             has them (the peers' top-k can pick already-committed slots when f > |M|; here it cannot).
         backend: "torch" | "triton" | "cuda" | "cpp" | None (auto: fastest for the device; see slim_ops._backend).
-            entropy_bounded runs its slot pass in the torch backend for every backend (the kernels do not compute
-            the entropy yet); factor / random / defer_ids use the backend's slot pass and the shared selection.
+            entropy_bounded takes the entropy from the triton kernel's own pass over V; the cuda / cpp backends run
+            its slot pass in the torch backend (their kernels do not compute the entropy yet); factor / random /
+            defer_ids use the backend's slot pass and the shared selection.
         gamma: γ >= 0 of "entropy_bounded" (float or [R] tensor), compared as fp32(γ).
         factor: factor > 0 of "factor" (float or [R] tensor); the comparison is exact (fp64).
         defer_ids: token ids (sequence or 1-D tensor) whose slots get confidence 0 and entropy +inf before the

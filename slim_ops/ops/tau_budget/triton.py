@@ -1,5 +1,11 @@
 """Triton backend of the decode step: one online pass over V per slot, then one program per row that
-ranks the K <= 64 slots in registers and runs the exact fp32 budget scan (SPEC §2.6)."""
+ranks the K <= 64 slots in registers and runs the exact fp32 budget scan (SPEC §2.6).
+
+With ``ENTROPY`` (strategy entropy_bounded) the same pass also yields the entropy of the slot's distribution
+(reference.py: H = log S − Σ e·d / S, d = z' − max z'): each lane keeps W = Σ e^{z'−m}·(z'−m) relative to its
+running max m and rescales it with the sum when m grows (W ← e^{m−m'}·(W + (m − m')·S)); every term of W is <= 0,
+so the rescaling and the final lane merge add numbers of one sign (no cancellation in fp32). The selection of
+entropy_bounded runs in the shared vectorised selection (torch_impl.select_torch) on the kernel's outputs."""
 
 from __future__ import annotations
 
@@ -50,15 +56,27 @@ def _gumbel(u, FAST: tl.constexpr):
 
 
 @triton.jit
+def _entropy_update(b_w, b_s, d, e):
+    """W of the lanes after one element z' with d = z' − m (m the lane's max before it) and e = exp(−|d|):
+    a new max rescales the old terms, W ← e·(W − d·S) (the new term is e^0·0); otherwise W += e·d. Lanes
+    without a finite element yet (S = 0) and −inf elements (e = 0) add nothing (never 0·inf)."""
+    grow = tl.where(b_s > 0, e * (b_w - d * b_s), 0.0)
+    add = tl.where(e > 0, e * d, 0.0)
+    return tl.where(d > 0, grow, b_w + add)
+
+
+@triton.jit
 def _tau_budget_confidence_kernel(
-    p_logits, p_tokens, p_conf, p_seed, p_temp,
+    p_logits, p_tokens, p_conf, p_ent, p_seed, p_temp,
     K, V, stride_r, stride_k, mask_id,
-    BV: tl.constexpr, GREEDY: tl.constexpr, FAST_LOG: tl.constexpr,
+    BV: tl.constexpr, GREEDY: tl.constexpr, FAST_LOG: tl.constexpr, ENTROPY: tl.constexpr,
 ):
     """One slot per program, one pass over V in [BV] tiles (per-lane online max / Σexp / argmax, merged at
     the end). Greedy: the first maximum. Sampling: Gumbel-max on z·(1/T); a tile runs the hash and the
     logs only when its largest z/T + G_MAX can beat the running best (ties go to the earlier index, so
-    a tile that can only tie is skipped too). Loads are cp.async-pipelined (NUM_STAGES)."""
+    a tile that can only tie is skipped too). Loads are cp.async-pipelined (NUM_STAGES).
+    ENTROPY: also the per-lane W = Σ e^{z'−m}(z'−m) (module docstring), accumulated for every element of
+    every tile (outside the noise skip), and the entropy stored to p_ent (NaN for invalid slots)."""
     i_s = tl.program_id(0)
     i_r = i_s // K
     i_j = i_s % K
@@ -68,6 +86,7 @@ def _tau_budget_confidence_kernel(
     b_s = tl.zeros([BV], tl.float32)
     b_idx = tl.zeros([BV], tl.int32)
     b_bad = tl.zeros([BV], tl.int32)
+    b_w = tl.zeros([BV], tl.float32)  # Σ e^{z'−m}(z'−m) per lane (ENTROPY only; dead code otherwise)
     if GREEDY:
         for i_v in tl.range(0, V, BV, num_stages=NUM_STAGES):
             o = i_v + o_v
@@ -76,6 +95,8 @@ def _tau_budget_confidence_kernel(
             d = b_z - b_m
             e = tl.where(b_z == float("-inf"), 0.0, tl.exp(-tl.abs(d)))
             b_idx = tl.where(d > 0, o, b_idx)  # strict: the lane keeps its first maximum
+            if ENTROPY:
+                b_w = _entropy_update(b_w, b_s, d, e)
             b_s = tl.where(d > 0, b_s * e + 1.0, b_s + e)
             b_m = tl.maximum(b_m, b_z)
         mx = tl.max(b_m, axis=0)
@@ -98,6 +119,8 @@ def _tau_budget_confidence_kernel(
             b_z = b_z * inv_t
             d = b_z - b_m
             e = tl.where(b_z == float("-inf"), 0.0, tl.exp(-tl.abs(d)))
+            if ENTROPY:  # every tile, also those whose noise is skipped below
+                b_w = _entropy_update(b_w, b_s, d, e)
             b_s = tl.where(d > 0, b_s * e + 1.0, b_s + e)
             b_m = tl.maximum(b_m, b_z)
             if tl.max(b_z, axis=0) + G_MAX > best:
@@ -118,6 +141,12 @@ def _tau_budget_confidence_kernel(
     bad = (tl.max(b_bad, axis=0) > 0) | (mx == float("-inf"))
     tl.store(p_tokens + i_s, tl.where(bad, mask_id, idx).to(tl.int64))
     tl.store(p_conf + i_s, tl.where(bad, float("nan"), c))
+    if ENTROPY:
+        # lanes merged at the slot max: W = Σ_l e^{m_l−mx}(W_l + (m_l − mx)·S_l), all terms <= 0
+        dl = b_m - mx
+        w = tl.sum(tl.where(b_m == float("-inf"), 0.0, tl.exp(dl) * (b_w + dl * b_s)), axis=0)
+        h = tl.maximum(tl.log(s) - w / s, 0.0)
+        tl.store(p_ent + i_s, tl.where(bad, float("nan"), h))
 
 
 @triton.jit
@@ -206,21 +235,47 @@ def _select_launch(conf, tokens, block, masked, mask_id, tau32, bud, floor, stra
     return commit, num, risk, block_out
 
 
-def tau_budget_step_triton(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id):
+def slot_pass_triton(logits, mask_id, seed, temperature, entropy=False, out=None):
+    """(tokens [R,K] int64, confidence [R,K] fp32[, entropy [R,K] fp32]) of every slot from one pass over V,
+    written into ``out`` (the same tuple of contiguous buffers) when given."""
     R, K, V = logits.shape
     dev = logits.device
-    tokens = torch.empty(R, K, dtype=torch.int64, device=dev)
-    conf = torch.empty(R, K, dtype=torch.float32, device=dev)
+    if out is not None:
+        tokens, conf = out[0], out[1]
+        ent = out[2] if entropy else None
+    else:
+        tokens = torch.empty(R, K, dtype=torch.int64, device=dev)
+        conf = torch.empty(R, K, dtype=torch.float32, device=dev)
+        ent = torch.empty(R, K, dtype=torch.float32, device=dev) if entropy else None
     greedy = temperature == 0.0
     temp = torch.full((1,), max(temperature, 1e-30), dtype=torch.float32, device=dev)
     if R > 0:
         _tau_budget_confidence_kernel[(R * K,)](
-            logits, tokens, conf, seed, temp, K, V, logits.stride(0), logits.stride(1), mask_id,
-            BV=_bv(V), GREEDY=greedy, FAST_LOG=not triton_interpret(), num_warps=_NUM_WARPS_V,
+            logits, tokens, conf, ent if entropy else conf, seed, temp, K, V, logits.stride(0), logits.stride(1),
+            mask_id, BV=_bv(V), GREEDY=greedy, FAST_LOG=not triton_interpret(), ENTROPY=entropy,
+            num_warps=_NUM_WARPS_V,
         )
+    return (tokens, conf, ent) if entropy else (tokens, conf)
+
+
+def tau_budget_step_triton(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id):
+    tokens, conf = slot_pass_triton(logits, mask_id, seed, temperature)
     commit, num, risk, block_out = _select_launch(conf, tokens, block, None, mask_id, tau32, bud, floor,
                                                   strategy_id, True)
     return block_out, commit, tokens, conf, num, risk
+
+
+def tau_budget_step_entropy_triton(logits, block, mask_id, tau32, bud, floor, seed, temperature, sparam,
+                                   defer_ids=None):
+    """entropy_bounded: tokens, confidence and entropy from the fused slot pass (ENTROPY), ``defer_ids`` applied,
+    then the shared vectorised selection (torch_impl.select_torch, on the device, no host sync)."""
+    from .torch_impl import defer_slots, select_torch
+
+    tokens, conf, ent = slot_pass_triton(logits, mask_id, seed, temperature, entropy=True)
+    if defer_ids is not None:
+        conf, ent = defer_slots(tokens, conf, ent, defer_ids)
+    commit, num, risk = select_torch(conf, block == mask_id, tau32, bud, floor, 3, sparam, ent)
+    return torch.where(commit, tokens, block), commit, tokens, conf, num, risk
 
 
 def tau_budget_select_triton(conf, masked, tau32, bud, floor, strategy_id):
@@ -232,13 +287,13 @@ def tau_budget_select_triton(conf, masked, tau32, bud, floor, strategy_id):
 _DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 AOT_SPECS = [
     AotSpec(_tau_budget_confidence_kernel,
-            {"p_logits": f"*{dt}", "p_tokens": "*i64", "p_conf": "*fp32", "p_seed": "*i64", "p_temp": "*fp32",
-             "K": "i32", "V": "i32", "stride_r": "i64", "stride_k": "i64", "mask_id": "i32",
-             "BV": "constexpr", "GREEDY": "constexpr", "FAST_LOG": "constexpr"},
-            {"BV": bv, "GREEDY": greedy, "FAST_LOG": True}, num_warps=_NUM_WARPS_V,
-            label=f"{dt} BV={bv} greedy={greedy}",
+            {"p_logits": f"*{dt}", "p_tokens": "*i64", "p_conf": "*fp32", "p_ent": "*fp32", "p_seed": "*i64",
+             "p_temp": "*fp32", "K": "i32", "V": "i32", "stride_r": "i64", "stride_k": "i64", "mask_id": "i32",
+             "BV": "constexpr", "GREEDY": "constexpr", "FAST_LOG": "constexpr", "ENTROPY": "constexpr"},
+            {"BV": bv, "GREEDY": greedy, "FAST_LOG": True, "ENTROPY": ent}, num_warps=_NUM_WARPS_V,
+            label=f"{dt} BV={bv} greedy={greedy}{' ent' if ent else ''}",
             ints={"K": 16, "V": 151936, "stride_r": 16 * 151936, "stride_k": 151936}, streaming=True)
-    for dt in _DT for greedy in (True, False) for bv in _BV_CHOICES
+    for ent in (False, True) for dt in _DT for greedy in (True, False) for bv in _BV_CHOICES
 ] + [
     AotSpec(_tau_budget_select_kernel,
             {"p_conf": "*fp32", "p_tokens": "*i64", "p_block": "*i64" if fb else "*fp32",
