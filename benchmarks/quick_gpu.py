@@ -106,7 +106,7 @@ SIZES = {
         lfl=dict(N=8, V=300, dtype=torch.bfloat16),
         mlp=dict(N=24, d=32, V=200, dtype=torch.bfloat16, chunk=16),
         loss=dict(B=4, L=24, K=8),
-        attn_train=dict(B=2, Hq=2, Hkv=1, D=64, L0=5, L1=8, K=4, noisy=3, dtype=torch.bfloat16, ref_batch=1),
+        attn_train=dict(B=1, Hq=2, Hkv=1, D=64, L0=9, L1=8, K=4, noisy=3, dtype=torch.bfloat16, ref_batch=1),
         attn_decode=dict(B=2, Hq=2, Hkv=1, D=64, cache=9, K=4, dtype=torch.bfloat16, ref_batch=2),
         reps=dict(fast=1, mid=1, slow=1, loop=1, warmup=0),  # the flow, not the numbers
     ),
