@@ -73,9 +73,21 @@ class RolloutConfig:
     block_size: int = key(2, "K: tokens per block", ge=1, le=64)
     steps_per_block: int = key(0, "S: decode steps per block (0 = K)", ge=0)
     max_new_tokens: int = key(6, "response length budget", ge=1)
-    strategy: str = key("tau_budget", "decode commit rule", choices=("tau_budget", "threshold", "topk"))
+    strategy: str = key("tau_budget", "decode commit rule: the SPEC rules, the EB-sampler (entropy_bounded, "
+                        "gamma), Fast-dLLM's factor rule (factor) or LLaDA's random remasking",
+                        choices=("tau_budget", "threshold", "topk", "entropy_bounded", "factor", "random"))
     tau: float = key(0.9, "confidence threshold of the tau-budget rule", gt=0.0, lt=1.0)
     m: float = key(1.0, "tau-budget: commit budget multiplier (0 = floor)", ge=0.0)
+    gamma: float = key(0.1, "entropy_bounded: gamma, commit the lowest-entropy slots while their summed entropy "
+                       "minus the largest is <= gamma", ge=0.0)
+    factor: float = key(1.0, "factor: commit the n most confident slots while (n + 1)(1 - c_n) < factor", gt=0.0)
+    suppress_eos: bool = key(False, "EOS logits are -inf before every step: never predicted (LLaDA's "
+                             "logits_eos_inf)")
+    defer_eos: bool = key(False, "slots predicting EOS get confidence 0 (entropy +inf): committed only when the "
+                          "floor needs them (LLaDA's confidence_eos_eot_inf)")
+    cache: str = key("none", "llada / dream: none (exact, whole canvas every step), prefix or dual (Fast-dLLM's "
+                     "caches, approximate); sdar decodes against its exact KV cache",
+                     choices=("none", "prefix", "dual"))
     temperature: float = key(1.0, "sampling temperature of RL rollouts (0 = greedy)", ge=0.0)
     top_k: int = key(0, "top-k sampling (0 = off)", ge=0)
     top_p: float = key(1.0, "nucleus sampling (1 = off)", gt=0.0, le=1.0)
@@ -204,6 +216,9 @@ def _cross_checks(c: Config) -> list[str]:
     r = c.rollout
     if r.steps_per_block > r.block_size:
         bad.append(f"rollout.steps_per_block ({r.steps_per_block}) must be <= rollout.block_size ({r.block_size})")
+    if r.cache != "none" and m.family not in ("llada", "dream"):
+        bad.append(f"rollout.cache={r.cache} needs model.family llada or dream (sdar decodes against its exact KV "
+                   f"cache), got model.family={m.family}")
     if r.truncation_margin >= r.max_new_tokens:
         bad.append(f"rollout.truncation_margin ({r.truncation_margin}) must be < rollout.max_new_tokens "
                    f"({r.max_new_tokens})")

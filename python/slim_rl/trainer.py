@@ -375,7 +375,9 @@ class Trainer:
             out = generate(self.model, prompts, block_size=rc.block_size, max_new_tokens=rc.max_new_tokens,
                            steps_per_block=rc.steps_per_block or None, strategy=rc.strategy, tau=rc.tau,
                            m=rc.m, temperature=temperature, top_k=rc.top_k, top_p=rc.top_p,
-                           generator=generator, batch_size=rc.batch_size or None)
+                           generator=generator, batch_size=rc.batch_size or None, gamma=rc.gamma,
+                           factor=rc.factor, suppress_ids=[self.eos_id] if rc.suppress_eos else None,
+                           defer_ids=[self.eos_id] if rc.defer_eos else None, cache=rc.cache)
         self.model.train(was_training)
         return out
 
