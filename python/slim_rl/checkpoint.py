@@ -12,8 +12,8 @@ Layout of one checkpoint, ``<run>/checkpoints/step_00000012/``:
 Writing goes to ``step_XXXXXXXX.tmp``; after every rank has written (barrier), the files are hashed
 (split over ranks), rank 0 writes the manifest, fsyncs and renames the directory into place (atomic
 on POSIX). A directory without a matching manifest is never loaded; ``.tmp`` directories left by a
-killed run are removed when the next run starts (:func:`clean_stale`). Every ``torch.load`` here uses
-``weights_only=True``.
+killed run are removed when the next run starts (:func:`clean_stale`). Nothing loaded can run code:
+``torch.load`` with ``weights_only=True``, DCP's pickled ``.metadata`` through an allow-list unpickler.
 
 Run folders (:mod:`slim_rl.runs`, re-exported here) never lose work: a new run refuses a folder that
 holds an earlier run unless ``resume`` or ``overwrite`` is asked for, and with ``overwrite`` the earlier
@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -257,12 +258,53 @@ def clean_stale(directory: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- load
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle: read it allowing only the classes it is made of (DCP's metadata
+    dataclasses, ``torch.Size``, dtypes, paths), so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if not (module.startswith("torch.distributed.checkpoint")
+                or module in ("torch", "torch.serialization", "pathlib", "collections")):
+            raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        obj = super().find_class(module, name)  # only modules already imported by torch get here
+        ok = ((module.startswith("torch.distributed.checkpoint") and isinstance(obj, type))
+              or (module == "torch" and (obj is torch.Size or isinstance(obj, torch.dtype)))
+              or (module == "torch.serialization" and name == "_get_layout")
+              or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
+              or (module == "collections" and name == "OrderedDict"))
+        if not ok:
+            raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        return obj
+
+
+def _reader(path: str):
+    """A ``FileSystemReader`` whose metadata is read with :class:`_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with open(os.path.join(path, ".metadata"), "rb") as f:
+                try:
+                    md = _MetadataUnpickler(f).load()
+                except CheckpointError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a damaged metadata file
+                    raise CheckpointError(f"checkpoint {path!r} has unreadable metadata ({e})") from None
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    return _SafeReader(path)
+
+
 def _safe_planner():
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     class _TensorsOnlyPlanner(DefaultLoadPlanner):
-        """Our shards hold tensors only; should a crafted one carry pickled bytes, they are read with
-        ``weights_only=True`` (DCP's default planner unpickles them without restriction)."""
+        """Our shards hold tensors only; a crafted one carrying pickled objects is refused (DCP's default
+        planner would unpickle them without restriction)."""
 
         def load_bytes(self, read_item, value) -> None:  # pragma: no cover - our checkpoints have none
             raise CheckpointError(f"checkpoint holds a pickled object at {read_item.dest_index.fqn!r}; "
@@ -273,13 +315,9 @@ def _safe_planner():
 
 def _check_shapes(path: str, state: dict[str, Any]) -> None:
     """Every tensor the model needs is in the checkpoint with the same shape (clear error otherwise)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    try:
-        md = FileSystemReader(path).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001 - unreadable metadata = a damaged checkpoint
-        raise CheckpointError(f"checkpoint {path!r} has unreadable metadata ({e})") from None
+    md = _reader(path).read_metadata().state_dict_metadata
     for k, t in state["model"].items():
         fqn = f"model.{k}"
         if fqn not in md:
@@ -315,7 +353,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if with_opt:
         state["optim"] = osd["state"]
     _check_shapes(path, state)
-    dcp.load(state, checkpoint_id=path, planner=_safe_planner(), no_dist=not info.active)
+    dcp.load(state, storage_reader=_reader(path), planner=_safe_planner(), no_dist=not info.active)
     if with_opt:
         saved = meta.get("param_groups") or []
         for g, s in zip(osd["param_groups"], saved):

@@ -136,6 +136,16 @@ def test_loading_never_unpickles_code(tmp_path):
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
         C.load_checkpoint(path, _model(1))
     assert not marker.exists()
+    # DCP's own .metadata is a pickle too: read through an allow-list
+    path = C.save_checkpoint(str(tmp_path / "ck2"), 1, m, None)
+    import pickle
+
+    with open(os.path.join(path, ".metadata"), "wb") as f:
+        pickle.dump(Evil(), f)
+    _rehash(path)
+    with pytest.raises(CheckpointError, match="refers to (io|builtins).open, which is not allowed"):
+        C.load_weights(path, _model(1))
+    assert not marker.exists()
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):
