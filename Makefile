@@ -35,7 +35,7 @@ test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install
-	$(PY) -m slim_rl demo
+	$(PY) -m slim_rl demo --overwrite  # the fixed demo job: replaces runs/demo (kept until the new SFT is done)
 
 bench: install
 	$(PY) benchmarks/bench_cpu.py
