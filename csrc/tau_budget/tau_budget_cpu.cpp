@@ -238,10 +238,20 @@ SLIM_INLINE void gumbel_exact(float zt, int64_t v, uint32_t key, float& best, fl
   }
 }
 
-// Gumbel-max over one block of z/T values. A lane can only win when g > d = best − z/T, i.e. when
-// u > exp(−exp(−d)); that threshold is evaluated with the polynomial exp for 16 lanes at once, with d lowered by
-// a slack (1e-3 + 1e-6·(|best| + |z/T|): libm and fp32 rounding of the exact score) and the threshold by a
-// factor 1 − 1e-4 (polynomial error), so every lane that can win, and a few that cannot, get the exact score.
+SLIM_INLINE bool any_lane(vi m) {
+  uint64_t w[kLanes / 2];
+  std::memcpy(w, &m, sizeof(w));
+  uint64_t acc = 0;
+  for (int q = 0; q < kLanes / 2; ++q) acc |= w[q];
+  return acc != 0;
+}
+
+// Gumbel-max over one block of z/T values. A lane can only win when g > d = best − z/T, d lowered by a slack
+// (1e-3 + 1e-6·(|best| + |z/T|)) that covers libm's and fp32's rounding of the exact score. Two vectorised
+// filters, both necessary conditions: (1) g <= −log(1 − u) <= −e·ln2 with 2^e <= 1 − u (1 − u is exact and e
+// its fp32 exponent): integer work only, and it rejects whole vectors almost always; (2) for the vectors left,
+// g > d <=> u > exp(−exp(−d)), evaluated with the polynomial exp and the threshold lowered by 1e-4 (polynomial
+// error). Lanes that pass both get the exact score, in index order (ties keep the lower index).
 SLIM_INLINE void gumbel_block(const float* z, int n, int64_t b0, uint32_t key, float& best, float& best_zt,
                               int64_t& idx) {
   const int nf = n & ~(kLanes - 1);
@@ -254,19 +264,23 @@ SLIM_INLINE void gumbel_block(const float* z, int n, int64_t b0, uint32_t key, f
     const vf bestv = splat<vf>(best);
     const vf abs_zt = zt < 0.0f ? -zt : zt;
     const vf d = bestv - zt - (1e-3f + 1e-6f * (abs_zt + (best < 0.0f ? -best : best)));
-    vf neg_d = -d;
-    neg_d = neg_d < 80.0f ? neg_d : splat<vf>(80.0f);
-    vf e = exp_neg(neg_d);  // exp(−d), also for −d > 0 (exact exponent arithmetic up to e^80)
-    e = e > 1e-15f ? e : splat<vf>(1e-15f);  // exp(−e) rounds to 1 anyway; keeps the polynomial off subnormals
-    const vf th = exp_neg(-e) * (1.0f - 1e-4f);
     const vu bits = rng_bits(keyv, lane + static_cast<uint32_t>(b0 + i));
     const vf u = (__builtin_convertvector((vi)(bits >> 9), vf) + 0.5f) * 0x1p-23f;
-    const vi cand = (u > th) | (d != d);  // NaN: let the exact path decide
-    uint64_t any[kLanes / 2];
-    std::memcpy(any, &cand, sizeof(any));
-    uint64_t acc = 0;
-    for (int q = 0; q < kLanes / 2; ++q) acc |= any[q];
-    if (acc == 0) continue;
+    const vf omu = 1.0f - u;  // exact: u = k·2^-24 with k < 2^24
+    vu ob;
+    std::memcpy(&ob, &omu, sizeof(ob));
+    const vi e2 = 127 - (vi)(ob >> 23);  // −e >= 1
+    const vf bound = __builtin_convertvector(e2, vf) * 0.693147242f;  // −e·ln2, ln2 rounded up
+    const vi nan_d = d != d;  // NaN: let the exact path decide
+    const vi pass1 = (bound > d) | nan_d;
+    if (!any_lane(pass1)) continue;
+    vf neg_d = -d;
+    neg_d = neg_d < 80.0f ? neg_d : splat<vf>(80.0f);
+    vf ex = exp_neg(neg_d);  // exp(−d), also for −d > 0 (exact exponent arithmetic up to e^80)
+    ex = ex > 1e-15f ? ex : splat<vf>(1e-15f);  // exp(−ex) rounds to 1 anyway; keeps the polynomial off subnormals
+    const vf th = exp_neg(-ex) * (1.0f - 1e-4f);
+    const vi cand = pass1 & ((u > th) | nan_d);
+    if (!any_lane(cand)) continue;
     for (int l = 0; l < kLanes; ++l) {
       if (cand[l]) gumbel_exact(z[i + l], b0 + i + l, key, best, best_zt, idx);
     }
