@@ -1,33 +1,32 @@
 """slim_ops: fused kernels for RL of block-diffusion language models (SDAR, LLaDA, Dream).
 
-Public API (SPEC.md §8). Every op has a plain fp32 PyTorch reference (``ops/<op>/reference.py``)
-and torch / triton / cuda backends chosen by :mod:`slim_ops._backend`. Names are resolved lazily so
-``import slim_ops`` needs neither triton nor a GPU and stays cheap.
+Public API (pinned by tests/test_api.py; documented in docs/). Every op has a plain fp32 PyTorch
+reference (``ops/<op>/reference.py``) and torch / triton / cuda backends chosen by
+:mod:`slim_ops._backend`. Names are resolved lazily so ``import slim_ops`` needs neither triton nor a GPU
+and stays cheap.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import typing as _typing
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (the one table; pinned by tests/test_api.py)
 _EXPORTS: dict[str, str] = {
-    # decode step (SPEC §2)
+    # decode step (docs/decode.md)
     "StepOutput": "slim_ops.ops.tau_budget.op",
     "tau_budget_step": "slim_ops.ops.tau_budget.op",
     "tau_budget_select": "slim_ops.ops.tau_budget.op",
     "static_floor": "slim_ops.ops.tau_budget.op",
-    # attention (SPEC §3)
+    # attention (docs/attention.md)
     "BlockLayout": "slim_ops.layout",
     "block_diffusion_attention": "slim_ops.ops.attention.op",
-    # log-prob and loss (SPEC §4.3-4.5)
+    # log-prob and loss (docs/objective.md)
     "masked_logprob": "slim_ops.ops.masked_logprob.op",
     "logprob_from_logits": "slim_ops.ops.masked_logprob.op",
     "slim_policy_loss": "slim_ops.ops.policy_loss.op",
     "slim_loss_from_hidden": "slim_ops.ops.policy_loss.op",
-    # rows and schedules (SPEC §4.2, §5)
+    # rows and schedules (docs/objective.md)
     "quadrature": "slim_ops.objective",
     "block_mask_probs": "slim_ops.objective",
     "build_slim_rows": "slim_ops.objective",
@@ -40,20 +39,24 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'slim_ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(mod), name)
+    value = getattr(_importlib.import_module(mod), name)
     globals()[name] = value
     return value
 
 
+# subpackages a user imports by name (``from slim_ops import compat``, ``slim_ops.integrations.hf``)
+_SUBMODULES = ("compat", "integrations", "testing")
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(__all__) | {m for m in _SUBMODULES if m in globals()})
 
 
-if TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
+if _typing.TYPE_CHECKING:  # pragma: no cover - static names for type checkers and IDEs
     from slim_ops._backend import available_backends  # noqa: F401
     from slim_ops.layout import BlockLayout  # noqa: F401
     from slim_ops.objective import (  # noqa: F401

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from slim_ops._backend import pick, triton_interpret
+from slim_ops._backend import _has_triton, pick, triton_interpret
 from slim_ops.layout import BlockLayout
 from slim_ops.ops.attention.reference import attention_bwd_chunked, attention_fwd_chunked
 
@@ -131,8 +131,10 @@ def _launch(kernel):
 
 
 # Under the interpreter the kernels are plain Python: register opaque custom ops (torch.compile then calls
-# them as a black box); on GPUs triton_op lets Inductor see and schedule the kernels.
-_define = torch.library.custom_op if triton_interpret() else torch.library.triton_op
+# them as a black box); on GPUs triton_op lets Inductor see and schedule the kernels. Without triton installed
+# the op is registered opaque too (triton_op would log "Triton not available" at import).
+_define = (torch.library.custom_op if triton_interpret() or not _has_triton()
+           else torch.library.triton_op)
 
 
 @_define("slim_ops::block_diffusion_attention_triton", mutates_args=())

@@ -29,7 +29,8 @@ class StepOutput(NamedTuple):
     """Result of one denoising step for R rows of a K-slot block.
 
     block [R,K] int64 (the block after committing), commit [R,K] bool, tokens [R,K] int64 (x0 for every slot;
-    mask_id for invalid slots), confidence [R,K] fp32 (c; NaN for invalid slots), num_committed [R] int32,
+    mask_id for invalid slots), confidence [R,K] fp32 (c; NaN for invalid slots), num_committed [R] int32 (a
+    count <= K <= 64, written by every backend's selection in 32-bit; ids and positions are int64),
     risk [R] fp32 (Σ_{j∈C} 1 − c_j, the expected number of wrong commits)."""
 
     block: Tensor
