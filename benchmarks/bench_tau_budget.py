@@ -4,8 +4,8 @@ Measured in the same process, on the same logits tensor, candidates timed round-
 round, so that load from other processes hits every candidate alike); medians of the rounds:
   auto            slim_ops.tau_budget_step(backend=None): what a user gets (cpp on the CPU, cuda on a GPU)
   torch           slim_ops' vectorised PyTorch backend (chunked, torch_impl.py)
-  vectorised      a plain vectorised PyTorch version of the same rule (greedy, tau_budget): max, Σexp,
-                  stable sort, cumsum, scatter; no Python loop, no host sync
+  vectorised      a plain vectorised PyTorch version of the same rule (greedy, tau_budget): max + argmax,
+                  logsumexp, stable sort, cumsum, scatter; no Python loop, no host sync
   compiled        torch.compile of `vectorised` (inductor, dynamic=False), the strongest peer on the CPU
   per_row_loop    what the reference engines do per sequence: fp64 softmax over V, sort + cumsum of the
                   above-τ confidences, `.item()` host syncs, a Python loop over rows (SPEC §7)
@@ -46,7 +46,7 @@ def step_vectorised(logits: torch.Tensor, block: torch.Tensor, mask_id: int, tau
     """Greedy tau_budget step in plain vectorised PyTorch (the rule of reference.py): returns the new block."""
     z = logits.float()
     mx, tok = z.max(dim=-1)  # first index among equal maxima; NaN / +inf / all -inf make mx non-finite
-    conf = 1.0 / torch.exp(z - mx[..., None]).sum(dim=-1)
+    conf = torch.exp(mx - torch.logsumexp(z, dim=-1))  # softmax(z)[argmax] = 1 / Σexp(z − max)
     valid = torch.isfinite(mx)
     eligible = (block == mask_id) & valid
     key = torch.where(eligible, conf, float("-inf"))
