@@ -73,3 +73,15 @@ def test_num_committed_is_int32_count():
     assert torch.equal(out.num_committed.long(), out.commit.sum(1))
     commit, k, _ = slim_ops.tau_budget_select(torch.rand(3, 5), torch.ones(3, 5, dtype=torch.bool), tau=0.5)
     assert k.dtype == torch.int32 and torch.equal(k.long(), commit.sum(1))
+
+
+def test_cli_without_rl_extra_names_the_install_line():
+    code = ("import sys; sys.modules['yaml'] = None\n"
+            "from slim_rl.cli import main\n"
+            "main(['demo', '--out', '/nonexistent/never-written'])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": "python"})
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slim-rl: error:"), p.stderr
+    assert "pip install 'slim_ops[rl]'" in lines[0] and "yaml" in lines[0]

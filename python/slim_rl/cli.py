@@ -112,6 +112,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# modules of the optional `rl` extra (pyproject.toml); without them a command fails with the install line
+_RL_EXTRA = ("yaml", "transformers", "safetensors", "tqdm", "matplotlib", "math_verify", "tokenizers")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
@@ -119,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e), 2)
     except TrainingError as e:
         _fail(str(e), 1)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in _RL_EXTRA:
+            raise
+        _fail(f"this command needs the 'rl' extra (missing module {e.name!r}): pip install 'slim_ops[rl]'", 2)
 
 
 def _main(argv: list[str] | None) -> None:
