@@ -37,8 +37,11 @@ test: install lint
 demo: install
 	$(PY) -m slim_rl demo --overwrite  # the fixed demo job: replaces runs/demo (kept until the new SFT is done)
 
+# Short CPU runs of the decode-step and compat benchmarks (JSON into benchmarks/results/cpu/); the full
+# benchmarks and their options: see docs/benchmarks.md.
 bench: install
-	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_tau_budget.py --device cpu --reps 3 --no-compile
+	$(PY) benchmarks/bench_compat.py --reps 2
 
 # GPU evidence in one call (stages, budgets, archive: see benchmarks/gpu_check.sh); on a CPU:
 # `make gpu-check ARGS=--dry-run`. Uses the venv's python when there is one (the GPU image has none).
