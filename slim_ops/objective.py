@@ -23,6 +23,7 @@ __all__ = ["SlimRows", "TraceRows", "RandomRows", "quadrature", "block_mask_prob
 
 _SHAPES = ("cosine", "linear")
 _SCHEDULES = ("response", "padded")
+_NODE_RULES = ("gauss_legendre", "uniform")
 _RATE_LEVELS = ("block", "row", "position")
 
 
@@ -193,7 +194,7 @@ def _tail_pad_slots(end: torch.Tensor, L1: int, block_size: int) -> torch.Tensor
 def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, block_size: int, mask_id: int,
                     pad_id: int, num_nodes: int = 3, spread: float = 0.2, shape: str = "cosine",
                     decreasing: bool = True, schedule_blocks: str = "response", post_tokens: int = 0,
-                    generator: torch.Generator | None = None) -> SlimRows:
+                    generator: torch.Generator | None = None, nodes: str = "gauss_legendre") -> SlimRows:
     """Trace-free random-masking rows: ``num_nodes`` noisy copies of every response (SPEC §4.2).
 
     For response b (valid length n_b = response_len[b]) and quadrature node (t_k, w_k):
@@ -212,6 +213,9 @@ def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, b
         post_tokens: train on the first ``post_tokens`` pad/EOS positions after each response as well
             (n_b → min(n_b + post_tokens, L1) everywhere above; TraceRL's ``post_num``). Default 0.
         generator: a ``torch.Generator`` on the tensors' device for determinism.
+        nodes: ``"gauss_legendre"`` (the default: the n_q Gauss–Legendre nodes and weights of
+            :func:`quadrature`) or ``"uniform"`` (the ablation: every row draws its own level
+            t ~ U(0, 1) from ``generator``, weight 1/n_q — a Monte-Carlo estimate with the same count).
     Returns:
         :class:`SlimRows`; rows ordered response-major (row = b·n_q + k before empty rows are dropped).
         Weights sum to 1 per response when none of its rows was dropped.
@@ -224,18 +228,24 @@ def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, b
     if schedule_blocks not in _SCHEDULES:
         raise ValueError(f"schedule_blocks must be one of {_SCHEDULES}, got {schedule_blocks!r}")
     _check_schedule_args(spread, shape)
+    if nodes not in _NODE_RULES:
+        raise ValueError(f"nodes must be one of {_NODE_RULES}, got {nodes!r}")
     B, L1 = response_ids.shape
     dev = response_ids.device
     if post_tokens:
         lens = torch.clamp(lens + post_tokens, max=L1)
-    nodes, weights = quadrature(num_nodes, dtype=torch.float32, device=dev)
-    Q = nodes.numel()
+    levels, weights = quadrature(num_nodes, dtype=torch.float32, device=dev)
+    Q = levels.numel()
     ids = response_ids.to(torch.int64)
 
     R = B * Q
     resp = torch.arange(B, device=dev).repeat_interleave(Q)          # [R]
     node = torch.arange(Q, device=dev).repeat(B)                     # [R]
-    t = nodes[node]                                                  # [R]
+    if nodes == "uniform":
+        t = torch.rand((R,), generator=generator, device=dev)        # [R] one level per row
+        weights = torch.full_like(weights, 1.0 / Q)
+    else:
+        t = levels[node]                                             # [R]
     row_len = lens[resp]                                             # [R]
     if schedule_blocks == "response":
         nb = (row_len + block_size - 1) // block_size

@@ -45,7 +45,9 @@ def _load(args, *, run_config: bool = False):
     from slim_rl.config import check_files, load_config
 
     ov = list(args.overrides)
-    if args.out and args.cmd != "compare":  # compare: --out is the results folder, runs stay in train.out_dir
+    if getattr(args, "block_size", None) is not None:
+        ov.append(f"rollout.block_size={args.block_size}")
+    if args.out and args.cmd not in ("compare", "ablate"):  # --out: the results folder, runs in train.out_dir
         ov.append(f"train.out_dir={args.out}")
     path = args.config
     if path is None and run_config:
@@ -105,7 +107,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--objectives", nargs="+", default=["slim", "tracerl"], metavar="{slim,tracerl,random}",
                    help="objectives to compare, each from the same SFT model (default: slim tracerl)")
+    p.add_argument("--block-size", type=int, default=None, help="K (same as rollout.block_size=K)")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("ablate", help="the block-size study: slim/tracerl/random curves and the ablation table "
+                                      "(resumable, parallel) -> summary.json + plots")
+    _common(p, "results folder (paper_k16/ and ablations/ are written inside)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--study", choices=("compare", "ablations", "all"), default="all")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, one torch thread each)")
+    p.add_argument("--summarize-only", action="store_true", help="only write summaries from the finished runs")
     p = sub.add_parser("config", help="every config key with its default (or resolved value) and meaning")
     _common(p)
     sub.add_parser("demo-decode", help="the decode-step demo (one τ-budget step on random logits)")
@@ -181,6 +191,16 @@ def _main(argv: list[str] | None) -> None:
         export_model(model, args.to, tokenizer=cfg.task.tokenizer or None)
         print(f"wrote {args.to} (step {step} of {path}); load it with slim_rl.models.load({args.to!r}, "
               f"{cfg.model.family!r}) or transformers.AutoModelForCausalLM.from_pretrained")
+    elif args.cmd == "ablate":
+        from slim_rl.ablate import run_study
+
+        cmd = "slim-rl " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        res = run_study(cfg, seeds=args.seeds, out=args.out or "benchmarks/results", study=args.study,
+                        jobs=args.jobs, summarize_only=args.summarize_only, command=cmd)
+        for part, summ in res.items():
+            if isinstance(summ, dict) and summ.get("missing"):
+                print(f"{part}: {len(summ['missing'])} runs missing: {' '.join(summ['missing'])}")
+        print(f"wrote the summaries under {args.out or 'benchmarks/results'}")
     elif args.cmd == "compare":
         from slim_rl.compare import run_compare
 

@@ -95,6 +95,10 @@ def run_compare(cfg: Config, *, seeds: list[int], out_dir: str, objectives=("sli
                 "points": points, "rl_seconds": time.time() - t0, "sft_seconds": facts["sft_seconds"],
                 "rows_per_step": [r.get("rows", 0) for r in hist],
                 "rollout_reward": [r["reward"] for r in hist],
+                # the training dynamics per RL step (tokens per forward, generation length, mask ratio, ...)
+                "steps": [{k: r[k] for k in ("step", "train_rows", "rollouts", "tokens_per_forward", "response_len",
+                                             "mask_ratio", "kl", "clip_frac", "ratio_mean", "ewc_per_step")
+                           if k in r} for r in hist],
             })
             if progress:
                 print(f"[seed {seed}] {obj}: {before:.3f} -> {points[-1]['accuracy']:.3f} "

@@ -57,9 +57,14 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = key("addition", "task: the embedded addition task or a JSONL file", choices=("addition", "jsonl"))
+    name: str = key("addition", "task: the embedded addition task, the digit-shift task (long answers) or a "
+                    "JSONL file", choices=("addition", "shift", "jsonl"))
     digits: int = key(2, "addition: digits per operand", ge=1, le=4)
-    demo_error: float = key(0.6, "addition: how often the SFT demonstrator forgets a carry", ge=0.0, le=1.0)
+    demo_error: float = key(0.6, "addition: how often the SFT demonstrator forgets a carry; shift: how often "
+                            "it shifts the wrong way on a large shift", ge=0.0, le=1.0)
+    length: int = key(24, "shift: digits per problem (the response is length + 1 tokens)", ge=4, le=64)
+    flaw_from: int = key(3, "shift: the demonstrator errs on shifts k >= flaw_from (k != 5; 10 = never)", ge=1,
+                         le=10)
     num_eval: int = key(200, "held-out prompts (never trained on)", ge=1)
     seed: int = key(0, "seed of the held-out split", ge=0)
     path: str = key("", "jsonl: data file, one {prompt, answer | tests} object per line")
@@ -103,6 +108,9 @@ class ObjectiveConfig:
     name: str = key("slim", "objective: SLIM-RL, the TraceRL baseline, or TraceRL's random-masking baseline",
                     choices=("slim", "tracerl", "random"))
     num_nodes: int = key(3, "slim: quadrature nodes n_q (training rows per response)", ge=1, le=64)
+    nodes: str = key("gauss_legendre", "slim: mask levels of the n_q rows: Gauss-Legendre nodes and weights, or "
+                     "uniform (each row draws t ~ U(0, 1), weight 1/n_q; an ablation)",
+                     choices=("gauss_legendre", "uniform"))
     spread: float = key(0.2, "slim: sigma, spread of the per-block mask schedule", ge=0.0)
     shape: str = key("cosine", "slim: shape of the per-block mask schedule", choices=("cosine", "linear"))
     decreasing: bool = key(True, "slim: later blocks get more masking")
@@ -149,7 +157,8 @@ class OptimConfig:
     eps: float = key(1e-8, "AdamW epsilon", gt=0.0)
     grad_clip: float = key(1.0, "clip the global gradient norm to this (0 = no clipping)", ge=0.0)
     epochs: int = key(1, "E: passes over each step's rows", ge=1)
-    minibatches: int = key(1, "optimizer steps per epoch", ge=1)
+    minibatches: int = key(2, "optimizer steps per epoch (the demo's 2: the second minibatch is off-policy, so the "
+                           "clipped ratio and the KL act)", ge=1)
     micro_batch_rows: int = key(512, "rows per forward (gradient accumulation)", ge=1)
     warmup_steps: int = key(0, "linear LR warm-up, in optimizer steps", ge=0)
     schedule: str = key("constant", "LR schedule over train.steps", choices=("constant", "cosine"))
@@ -202,14 +211,16 @@ def _cross_checks(c: Config) -> list[str]:
     if not m.path and (m.hidden_size % m.num_heads or (m.hidden_size // m.num_heads) % 2):
         bad.append(f"model.hidden_size ({m.hidden_size}) / model.num_heads ({m.num_heads}) must be an even "
                    "integer (the rotary head dimension)")
-    if c.task.name == "addition":
+    if c.task.name in ("addition", "shift"):
         if not m.path and m.vocab_size != 16:
-            bad.append(f"model.vocab_size must be 16 for task.name=addition (its vocabulary), got {m.vocab_size}")
+            bad.append(f"model.vocab_size must be 16 for task.name={c.task.name} (its vocabulary), got "
+                       f"{m.vocab_size}")
+    if c.task.name == "addition":
         n = 10 ** c.task.digits
         if c.task.num_eval >= n * n // 2:
             bad.append(f"task.num_eval must be < {n * n // 2} for {c.task.digits}-digit addition, "
                        f"got {c.task.num_eval}")
-    else:
+    elif c.task.name == "jsonl":
         for k in ("path", "tokenizer"):
             if not getattr(c.task, k):
                 bad.append(f"task.{k} must be set for task.name=jsonl")
@@ -416,13 +427,13 @@ def check_files(cfg: Config) -> Config:
         except (OSError, ValueError) as e:
             raise ConfigError(f"config: {cj} is not readable JSON ({e})") from None
         vocab = raw.get("vocab_size")
-        if cfg.task.name == "addition":
+        if cfg.task.name in ("addition", "shift"):
             for k, want in _ADDITION_IDS.items():
                 got = raw.get(k)
                 if isinstance(got, list):
                     got = got[0] if got else None
                 if got != want:
-                    raise ConfigError(f"config: the checkpoint {mp!r} does not fit task.name=addition: its {k} is "
+                    raise ConfigError(f"config: the checkpoint {mp!r} does not fit task.name={cfg.task.name}: its {k} is "
                                       f"{got}, the task's vocabulary needs {want}")
     if cfg.task.name == "jsonl":
         if not os.path.isfile(cfg.task.path):

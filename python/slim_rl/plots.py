@@ -20,7 +20,8 @@ def _plt():
 
 def plot_run(history: Sequence[dict[str, Any]], out_dir: str, *, before: float | None = None,
              title: str = "") -> list[str]:
-    """reward / held-out accuracy vs training samples, and EWC / commits per decode step vs RL step."""
+    """reward / held-out accuracy vs training samples, EWC / commits per decode step vs RL step, and KL /
+    clip fraction / |mean ratio − 1| vs RL step."""
     plt = _plt()
     rl = [r for r in history if "reward" in r]
     if not rl:
@@ -61,6 +62,26 @@ def plot_run(history: Sequence[dict[str, Any]], out_dir: str, *, before: float |
     fig.savefig(p, dpi=120)
     plt.close(fig)
     paths.append(p)
+
+    upd = [r for r in rl if "kl" in r]
+    if upd:  # the off-policy side of the update: KL to the step's start, clip fraction, mean ratio
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = [r["step"] for r in upd]
+        ax.plot(steps, [r["kl"] for r in upd], label="KL (to the step's start)")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("KL")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r.get("clip_frac", 0.0) for r in upd], color="tab:red", label="clip fraction")
+        ax2.plot(steps, [abs(r.get("ratio_mean", 1.0) - 1.0) for r in upd], color="tab:green", ls="--",
+                 label="|mean ratio - 1|")
+        ax2.set_ylabel("clip fraction / |ratio - 1|")
+        ax.grid(alpha=0.3)
+        fig.legend(loc="upper right")
+        fig.tight_layout()
+        p = os.path.join(out_dir, "kl_clip.png")
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        paths.append(p)
     return paths
 
 

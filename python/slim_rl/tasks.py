@@ -9,6 +9,15 @@ it forgets the carries with probability ``demo_error`` (writing the digit-wise s
 it is right. A model fitted to these demonstrations is right on carry-free problems and usually wrong
 on the others, yet it still samples the right answer with probability ≈ 1 − ``demo_error`` — exactly
 the situation reinforcement learning with a verifiable reward can fix, and a clean test of it.
+
+The block-size task family (:class:`ShiftTask`) has long answers in the same vocabulary: ``n`` digits
+and a shift ``k`` → the ``n`` digits each shifted by ``k`` (mod 10), written out digit by digit, then
+EOS (``n`` = 24: a 25-token response, two blocks at K = 16, four at K = 8). Its flawed demonstrator
+shifts the wrong way (−k instead of +k) on large shifts (k ≥ ``flaw_from``, except k = 5 where both
+directions agree) with probability ``demo_error``; a fitted model is right on small shifts and
+usually wrong on large ones, while a sample is right on them with probability ≈ 1 − ``demo_error`` only
+when all ``n`` digits agree on the direction — which parallel decoding of a whole block makes harder
+as K grows.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Example", "AdditionTask", "JsonlTask", "make_task"]
+__all__ = ["Example", "AdditionTask", "ShiftTask", "JsonlTask", "make_task"]
 
 
 @dataclasses.dataclass
@@ -123,6 +132,122 @@ class AdditionTask:
         return sum(self.has_carry(*divmod(e.uid, n)) for e in examples) / max(len(examples), 1)
 
 
+class ShiftTask:
+    """``d_1 … d_n + k =`` → ``(d_1 + k) mod 10 … (d_n + k) mod 10``, then EOS.
+
+    Vocabulary: :class:`AdditionTask`'s 16 ids (digits 0–9, ``+`` = 10, ``=`` = 11, pad = 13, eos = 14,
+    mask = 15). ``n`` = ``length`` digits (uniform), shift k uniform in 1..9. ``num_eval`` problems,
+    drawn with ``seed``, are held out of every training sample (training draws that hit one are
+    redrawn). The flawed demonstrator writes ``(d_i − k) mod 10`` with probability ``demo_error`` when
+    k ≥ ``flaw_from`` (k ≠ 5).
+    """
+
+    name = "shift"
+    vocab_size = 16
+    plus, equals = 10, 11
+    pad_id, eos_id, mask_id = 13, 14, 15
+
+    def __init__(self, length: int = 24, demo_error: float = 0.6, flaw_from: int = 3, num_eval: int = 200,
+                 seed: int = 0):
+        if isinstance(length, bool) or not isinstance(length, int) or not 4 <= length <= 64:
+            raise ValueError(f"length must be an int in 4..64, got {length!r}")
+        if not 0.0 <= demo_error <= 1.0:
+            raise ValueError(f"demo_error must be in [0, 1], got {demo_error}")
+        if isinstance(flaw_from, bool) or not isinstance(flaw_from, int) or not 1 <= flaw_from <= 10:
+            raise ValueError(f"flaw_from must be an int in 1..10 (10: no flaw), got {flaw_from!r}")
+        if isinstance(num_eval, bool) or not isinstance(num_eval, int) or not 1 <= num_eval <= 100_000:
+            raise ValueError(f"num_eval must be an int in 1..100000, got {num_eval!r}")
+        self.length, self.demo_error, self.flaw_from = length, demo_error, flaw_from
+        self.max_answer_len = length + 1  # the digits, then EOS
+        rng = random.Random(seed)
+        seen: set[tuple[int, ...]] = set()
+        self._eval: list[tuple[int, ...]] = []
+        while len(self._eval) < num_eval:
+            p = self._draw(rng)
+            if p not in seen:
+                seen.add(p)
+                self._eval.append(p)
+        self._held_out = seen
+
+    def _draw(self, rng: random.Random) -> tuple[int, ...]:
+        """A problem: (d_1, …, d_n, k)."""
+        return tuple(rng.randrange(10) for _ in range(self.length)) + (rng.randrange(1, 10),)
+
+    def _train_problem(self, rng: random.Random) -> tuple[int, ...]:
+        while True:
+            p = self._draw(rng)
+            if p not in self._held_out:
+                return p
+
+    # -- encoding
+    def prompt_ids(self, p: Sequence[int]) -> list[int]:
+        return list(p[:-1]) + [self.plus, p[-1], self.equals]
+
+    def answer_ids(self, p: Sequence[int]) -> list[int]:
+        k = p[-1]
+        return [(d + k) % 10 for d in p[:-1]]
+
+    def flawed_answer_ids(self, p: Sequence[int]) -> list[int]:
+        """The demonstrator's mistake: shifted the wrong way."""
+        k = p[-1]
+        return [(d - k) % 10 for d in p[:-1]]
+
+    def is_flawed(self, p: Sequence[int]) -> bool:
+        """Whether the demonstrator may err on problem ``p`` (a large shift whose two directions differ)."""
+        return p[-1] >= self.flaw_from and p[-1] != 5
+
+    def decode(self, ids: Sequence[int]) -> str:
+        table = {self.plus: "+", self.equals: "=", self.pad_id: "_", self.eos_id: "$", self.mask_id: "?"}
+        return "".join(table.get(int(i), str(int(i)) if int(i) < 10 else f"<{int(i)}>") for i in ids)
+
+    def _example(self, p: tuple[int, ...], uid: int) -> Example:
+        return Example(self.prompt_ids(p), self.answer_ids(p), uid=uid)
+
+    # -- data
+    def sample(self, n: int, rng: random.Random) -> list[Example]:
+        """``n`` training prompts (uniform, held-out problems excluded)."""
+        out = []
+        for _ in range(n):
+            p = self._train_problem(rng)
+            out.append(self._example(p, hash_problem(p)))
+        return out
+
+    def demonstrations(self, n: int, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+        """``n`` (prompt, demonstrated response + EOS) pairs from the flawed demonstrator."""
+        out = []
+        for _ in range(n):
+            p = self._train_problem(rng)
+            wrong = self.is_flawed(p) and rng.random() < self.demo_error
+            ans = self.flawed_answer_ids(p) if wrong else self.answer_ids(p)
+            out.append((self.prompt_ids(p), ans + [self.eos_id]))
+        return out
+
+    def eval_set(self) -> list[Example]:
+        return [self._example(p, i) for i, p in enumerate(self._eval)]
+
+    def reward(self, responses: Sequence[Sequence[int]], examples: Sequence[Example]) -> list[float]:
+        """Exact match of the response (EOS removed) with the answer digits."""
+        out = []
+        for r, ex in zip(responses, examples):
+            r = [int(t) for t in r]
+            if r and r[-1] == self.eos_id:
+                r = r[:-1]
+            out.append(1.0 if r == list(ex.answer) else 0.0)
+        return out
+
+    def flawed_fraction(self, examples: Sequence[Example]) -> float:
+        """Share of ``examples`` on which the demonstrator may err (k read from the prompt)."""
+        return sum(self.is_flawed([e.prompt[-2]]) for e in examples) / max(len(examples), 1)
+
+
+def hash_problem(p: Sequence[int]) -> int:
+    """A stable 62-bit id of a problem tuple (FNV-1a over its digits)."""
+    h = 1469598103934665603
+    for d in p:
+        h = ((h ^ (int(d) + 1)) * 1099511628211) % (1 << 62)
+    return h
+
+
 class JsonlTask:
     """Prompts and answers from a JSONL file (``{"prompt": ..., "answer": ...}`` or ``"tests"`` for code),
     tokenised with a local Hugging Face tokenizer; rewards through ``math-verify`` or the code sandbox."""
@@ -170,14 +295,17 @@ class JsonlTask:
         return code_reward(texts, [e.tests for e in examples])
 
 
-def make_task(cfg) -> AdditionTask | JsonlTask:
+def make_task(cfg) -> AdditionTask | ShiftTask | JsonlTask:
     """Build the task a :class:`slim_rl.config.TaskConfig` describes."""
     if cfg.name == "addition":
         return AdditionTask(digits=cfg.digits, demo_error=cfg.demo_error, num_eval=cfg.num_eval,
                             seed=cfg.seed)
+    if cfg.name == "shift":
+        return ShiftTask(length=cfg.length, demo_error=cfg.demo_error, flaw_from=cfg.flaw_from,
+                         num_eval=cfg.num_eval, seed=cfg.seed)
     if cfg.name == "jsonl":
         return JsonlTask(cfg.path, cfg.tokenizer, reward=cfg.reward, num_eval=cfg.num_eval, seed=cfg.seed)
-    raise ValueError(f"unknown task {cfg.name!r}: expected 'addition' or 'jsonl'")
+    raise ValueError(f"unknown task {cfg.name!r}: expected 'addition', 'shift' or 'jsonl'")
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -472,7 +472,7 @@ class Trainer:
             r = slim_ops.build_slim_rows(resp, lens, block_size=K, mask_id=self.mask_id, pad_id=self.pad_id,
                                          num_nodes=oc.num_nodes, spread=oc.spread, shape=oc.shape,
                                          decreasing=oc.decreasing, schedule_blocks=oc.schedule_blocks,
-                                         post_tokens=oc.post_tokens,
+                                         post_tokens=oc.post_tokens, nodes=oc.nodes,
                                          generator=seeded(self.cfg.train.seed, step, "rows"))
         elif oc.name == "random":
             r = slim_ops.build_random_rows(resp, lens, block_size=K, mask_id=self.mask_id, pad_id=self.pad_id,
