@@ -51,8 +51,7 @@ __all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "latest_checkpo
            "CheckpointError", "RunFolderError", "rng_state", "set_rng_state", "RUN_FILES", "checkpoint_step",
            "all_finite", "step_dirs"]
 
-# DCP warns that it assumes a single process when no process group is running: that is the intent here
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+_NO_PG = "torch.distributed is disabled, unavailable or uninitialized"  # DCP's note for one process: intended
 
 _PREFIX = "step_"
 _MANIFEST = "manifest.json"
@@ -186,7 +185,9 @@ def save_checkpoint(directory: str, step: int, model: torch.nn.Module,
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
                   for g in osd["param_groups"]]
     _tensors_only(state, "state")
-    dcp.save(state, checkpoint_id=tmp, no_dist=not info.active)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_PG)
+        dcp.save(state, checkpoint_id=tmp, no_dist=not info.active)
     torch.save(rng_state(), os.path.join(tmp, f"rng_{info.rank}.pt"))
     if info.is_main:
         meta = {"step": int(step), "world_size": info.world, "optimizer": with_opt, "param_groups": groups,
@@ -353,7 +354,9 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if with_opt:
         state["optim"] = osd["state"]
     _check_shapes(path, state)
-    dcp.load(state, storage_reader=_reader(path), planner=_safe_planner(), no_dist=not info.active)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_PG)
+        dcp.load(state, storage_reader=_reader(path), planner=_safe_planner(), no_dist=not info.active)
     if with_opt:
         saved = meta.get("param_groups") or []
         for g, s in zip(osd["param_groups"], saved):
