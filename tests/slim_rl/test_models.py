@@ -408,3 +408,35 @@ def test_jsonl_math_task_runs_rl_steps(tmp_path):
     with pytest.raises(ConfigError, match="tokens but the model's vocabulary is 16"):
         check_files(load_config(None, RL_TINY + [f"task.tokenizer={tok}", f"model.path={small}",
                                                  f"train.out_dir={tmp_path / 'run2'}"]))
+
+
+def test_sdar4b_config_runs_on_a_published_layout_checkpoint(tmp_path):
+    """configs/sdar4b.yaml itself (FSDP, slim attention, bf16, JSONL math task) with only the sizes shrunk:
+    a tiny checkpoint in SDAR's published layout, the sample JSONL file, a local tokenizer folder."""
+    from slim_rl.config import check_files, load_config
+    from slim_rl.trainer import Trainer
+
+    root = os.path.dirname(SAMPLE)
+    with open(SAMPLE) as f:
+        chars = sorted(set("".join(json.loads(line)["prompt"] for line in f)) | set("0123456789\\{}"))
+    _char_tokenizer(tmp_path / "tok", ["?", "<eos>"] + [c for c in chars if c != "?"])
+    cfg_json, sd = _published("sdar")
+    V = len(chars) + 8
+    cfg_json.update(vocab_size=V, mask_token_id=V - 1, eos_token_id=V - 2)
+    g = torch.Generator().manual_seed(4)
+    sd["model.embed_tokens.weight"] = torch.randn(V, D, generator=g)
+    sd["lm_head.weight"] = torch.randn(V, D, generator=g) * 0.1
+    _write(tmp_path / "ckpt", cfg_json, sd)
+    over = [f"model.path={tmp_path / 'ckpt'}", f"task.path={SAMPLE}", f"task.tokenizer={tmp_path / 'tok'}",
+            "task.num_eval=4", "rollout.block_size=4", "rollout.steps_per_block=4", "rollout.max_new_tokens=8",
+            "rollout.truncation_margin=1", "rollout.group_size=2", "rollout.prompts_per_step=2",
+            "rollout.batch_size=4", "optim.micro_batch_rows=4", "train.steps=1", "eval.every=0",
+            "train.tensorboard=false", "train.threads=1", "train.progress=false", "advantage.filter_groups=false",
+            f"train.out_dir={tmp_path / 'run'}"]
+    cfg = check_files(load_config(os.path.join(root, "sdar4b.yaml"), over))
+    assert (cfg.model.family, cfg.model.attention, cfg.dist.strategy) == ("sdar", "slim", "fsdp")
+    tr = Trainer(cfg)
+    assert next(tr.model.parameters()).dtype == torch.bfloat16
+    tr.train()
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert sum("reward" in json.loads(line) for line in f if line.strip()) == 1
