@@ -1,9 +1,10 @@
 """Every ```python block of README.md and docs/*.md runs (CPU, tiny sizes), and the README cites nothing
 outside the repository.
 
-The blocks of one file run in order in one fresh interpreter (a later block may use names an earlier one
-defined, as a reader would). A block preceded by the line ``<!-- snippet: skip (reason) -->`` is skipped
-(GPU or network only; keep them rare: the skip is visible in the markdown).
+The blocks of one file run in order in one namespace (a later block may use names an earlier one defined,
+as a reader would); every file starts from a fresh namespace. A block preceded by the line
+``<!-- snippet: skip (reason) -->`` is skipped (GPU or network only; keep them rare: the skip is visible in
+the markdown).
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import os
 import re
 import subprocess
 import sys
-
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = re.compile(r"<!--\s*snippet:\s*skip\b")
@@ -45,21 +44,21 @@ def test_every_markdown_file_is_collected():
     assert total >= 15 and skipped <= 2, (total, skipped)
 
 
-@pytest.mark.parametrize("path", FILES, ids=[os.path.relpath(p, ROOT) for p in FILES])
-def test_python_blocks_run(path, tmp_path):
-    blocks, _ = python_blocks(path)
-    if not blocks:
-        pytest.skip("no python block")
-    # each block is compiled with its own line numbers, so a failure names the markdown line
-    parts = ["import os, sys, torch", "torch.manual_seed(0)", "torch.set_num_threads(1)", "__ns = {}"]
-    for line, code in blocks:
-        parts.append(f"exec(compile({code!r}, {os.path.relpath(path, ROOT) + f':{line}'!r}, 'exec'), __ns)")
+def test_python_blocks_run(tmp_path):
+    """All files in one interpreter (imports once), each file in its own fresh namespace, blocks in order."""
+    parts = ["import torch", "torch.set_num_threads(1)"]
+    for path in FILES:
+        rel = os.path.relpath(path, ROOT)
+        parts += ["torch.manual_seed(0)", "__ns = {'__name__': '__snippets__'}"]
+        for line, code in python_blocks(path)[0]:
+            # compiled under "file:line", so a failure names the markdown file and line
+            parts.append(f"exec(compile({code!r}, {rel + ':' + str(line)!r}, 'exec'), __ns)")
     script = tmp_path / "snippets.py"
     script.write_text("\n".join(parts) + "\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     p = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
 
 
