@@ -81,12 +81,14 @@ def _fused_argmax_conf(logits: Tensor) -> tuple[Tensor, Tensor]:
     from slim_ops.ops.tau_budget.op import tau_budget_step
 
     B, L, V = logits.shape
-    lg = logits if logits.dtype in (torch.float32, torch.bfloat16, torch.float16) else logits.float()
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # fp64 logits: no fp32 pass
+        x0 = torch.argmax(logits, dim=-1)
+        return x0, F.softmax(logits.to(torch.float64), dim=-1).gather(-1, x0[..., None])[..., 0]
+    lg = logits
     toks, confs = [], []
     for s in range(0, L, _MAX_SLOTS):
-        part = lg[:, s:s + _MAX_SLOTS]
-        blk = torch.zeros(part.shape[:2], dtype=torch.int64, device=logits.device)  # nothing masked: no commits
-        out = tau_budget_step(part, blk, 0, strategy="topk", floor=0)
+        blk = torch.zeros((B, min(_MAX_SLOTS, L - s)), dtype=torch.int64, device=logits.device)  # commits nothing
+        out = tau_budget_step(lg[:, s:s + _MAX_SLOTS], blk, 0, strategy="topk", floor=0)
         toks.append(out.tokens)
         confs.append(out.confidence)
     return torch.cat(toks, 1), torch.cat(confs, 1)

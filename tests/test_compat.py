@@ -183,7 +183,7 @@ def test_get_num_transfer_tokens(steps):
         _same([compat.sdar_get_num_transfer_tokens(K, steps)], [want])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("remasking", ["low_confidence", "random"])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
 @pytest.mark.parametrize("use_threshold", [False, True])
