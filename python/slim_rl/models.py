@@ -205,9 +205,10 @@ def _qwen_config(raw: dict[str, Any], family: str) -> tuple[dict[str, Any], list
               tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
               rope_theta=_rope_theta(raw, 10000.0 if family == "dream" else 1000000.0),
               attention_dropout=0.0, hidden_act="silu")
+    if "hidden_size" in raw:  # SDAR states head_dim; Dream's code uses hidden_size / heads
+        kw["head_dim"] = int(raw.get("head_dim") or int(raw["hidden_size"]) // heads) if family == "sdar" \
+            else int(raw["hidden_size"]) // heads
     if family == "sdar":
-        if "hidden_size" in raw:
-            kw["head_dim"] = int(raw.get("head_dim") or int(raw["hidden_size"]) // heads)
         kw["attention_bias"] = bool(raw.get("attention_bias", False))
     return kw, problems
 
