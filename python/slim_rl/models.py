@@ -1,6 +1,6 @@
 """Model families for block-diffusion decoding: tiny random models for tests and demos, and a local loader.
 
-Three families (SPEC §1, §3):
+Three families (docs/trainer.md, docs/attention.md):
 
 ========  =====================  ==========================================  =====
 family    architecture           attention while decoding                    shift
