@@ -433,8 +433,8 @@ def check_files(cfg: Config) -> Config:
                 if isinstance(got, list):
                     got = got[0] if got else None
                 if got != want:
-                    raise ConfigError(f"config: the checkpoint {mp!r} does not fit task.name={cfg.task.name}: its {k} is "
-                                      f"{got}, the task's vocabulary needs {want}")
+                    raise ConfigError(f"config: the checkpoint {mp!r} does not fit task.name={cfg.task.name}: its "
+                                      f"{k} is {got}, the task's vocabulary needs {want}")
     if cfg.task.name == "jsonl":
         if not os.path.isfile(cfg.task.path):
             raise ConfigError(f"config: task.path {cfg.task.path!r} does not exist")
