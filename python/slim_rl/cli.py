@@ -166,10 +166,10 @@ def _main(argv: list[str] | None) -> None:
         if args.quiet and os.environ.get("RANK", "0") == "0":
             print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2))
     elif args.cmd == "eval":
+        path = _checkpoint_of(args, cfg)  # before loading torch: a missing run folder fails at once
         from slim_rl.checkpoint import load_weights
         from slim_rl.trainer import Trainer
 
-        path = _checkpoint_of(args, cfg)
         tr = Trainer(cfg)
         if path:
             load_weights(path, tr.model, info=tr.info)
@@ -182,10 +182,10 @@ def _main(argv: list[str] | None) -> None:
             from slim_rl.errors import RunFolderError
 
             raise RunFolderError(f"export: {args.to} already exists and is not empty")
+        path = _checkpoint_of(args, cfg)
         from slim_rl.checkpoint import export_model, load_weights
         from slim_rl.trainer import build_model
 
-        path = _checkpoint_of(args, cfg)
         model = build_model(cfg, "cpu")
         step = load_weights(path, model)
         export_model(model, args.to, tokenizer=cfg.task.tokenizer or None)
