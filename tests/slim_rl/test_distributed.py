@@ -221,7 +221,7 @@ def _records(path):
 def test_fsdp_torchrun_kill_and_resume_equals_uninterrupted(tmp_path):
     """``torchrun --nproc_per_node=2 -m slim_rl train --config configs/demo.yaml dist.strategy=fsdp
     train.checkpoint_every=1``: every rank writes its shard of every checkpoint; a run SIGKILLed from
-    outside after its second checkpoint and resumed with ``--resume`` gives exactly the uninterrupted
+    outside after its first RL checkpoint and resumed with ``--resume`` gives exactly the uninterrupted
     run's metrics and weights. The start model is a short SFT of the demo task, exported (so rollouts
     earn some reward and every RL step really moves the weights)."""
     from slim_rl import checkpoint as C
@@ -247,13 +247,13 @@ def test_fsdp_torchrun_kill_and_resume_equals_uninterrupted(tmp_path):
     a, b = str(tmp_path / "A"), str(tmp_path / "B")
     r = subprocess.run(cmd + ["--out", a], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    # B: killed from outside (the whole torchrun process group) once checkpoint 2 is committed
+    # B: killed from outside (the whole torchrun process group) once checkpoint 1 is committed
     p = subprocess.Popen(cmd + ["--out", b], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          cwd=ROOT, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
         ck = C.latest_checkpoint(os.path.join(b, "checkpoints"))
-        if ck is not None and C.checkpoint_step(ck) >= 2:
+        if ck is not None and C.checkpoint_step(ck) >= 1:
             os.killpg(p.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -261,9 +261,9 @@ def test_fsdp_torchrun_kill_and_resume_equals_uninterrupted(tmp_path):
     assert p.returncode == -signal.SIGKILL, p.returncode
     assert not os.path.exists(os.path.join(b, "summary.json"))
     done = len(_records(os.path.join(b, "metrics.jsonl")))
-    assert 2 <= done < steps
-    ck2 = os.path.join(b, "checkpoints", "step_00000002")
-    assert {"__0_0.distcp", "__1_0.distcp", "rng_0.pt", "rng_1.pt", "manifest.json"} <= set(os.listdir(ck2))
+    assert 1 <= done < steps
+    ck1 = os.path.join(b, "checkpoints", "step_00000001")
+    assert {"__0_0.distcp", "__1_0.distcp", "rng_0.pt", "rng_1.pt", "manifest.json"} <= set(os.listdir(ck1))
     r = subprocess.run(cmd + ["--out", b, "--resume"], env=env, capture_output=True, text=True, timeout=600,
                        cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
