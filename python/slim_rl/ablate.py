@@ -202,8 +202,13 @@ def _settings(study: str) -> list[tuple[str, str, list[str]]]:
 
 
 def run_study(cfg: Config, *, seeds: list[int], out: str, study: str = "all", jobs: int = 2,
-              summarize_only: bool = False, command: str = "", log=print) -> dict[str, Any]:
-    """Run (or resume) every unit of ``study`` for ``seeds`` with ``jobs`` processes, then summarize."""
+              summarize_only: bool = False, command: str = "", log=None) -> dict[str, Any]:
+    """Run (or resume) every unit of ``study`` for ``seeds`` with ``jobs`` processes, then summarize.
+    ``log``: one line per finished unit (default: print, flushed — the study usually runs under nohup)."""
+    if log is None:
+        def log(msg: str) -> None:
+            print(msg, flush=True)
+
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"ablate: --seeds must be distinct, got {seeds}")
     if jobs < 1:
