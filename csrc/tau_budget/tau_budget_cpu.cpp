@@ -11,13 +11,12 @@
 
 #include "dtype_codes.h"
 
-// 16-lane vectors are passed only between always-inline functions: no ABI is involved.
+// Vectors are passed only between always-inline functions: no ABI is involved.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace slim_ops {
 namespace {
 
-constexpr int kLanes = 16;    // independent accumulators per reduction (two AVX2 / one AVX-512 register)
 constexpr int kBlock = 2048;  // elements per block: 8 KB of fp32, re-read from L1 by the Σexp pass
 constexpr int kMaxK = 64;
 // Every u the RNG produces lies in [2^-24, 1 - 2^-24], so g = -log(-log u) < 16.7: an element whose z/T + 17
@@ -44,21 +43,6 @@ SLIM_INLINE uint32_t mix32(uint32_t x) {
   x *= 0x846ca68bu;
   x ^= x >> 16;
   return x;
-}
-
-// GCC/Clang vector extensions: 16 fp32 lanes, lowered to one AVX-512, two AVX2 or four SSE registers by the
-// target of the function they are inlined into.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-static_assert(sizeof(vf) == kLanes * sizeof(float), "16 lanes");
-
-template <typename V, typename S>
-SLIM_INLINE V splat(S x) {
-  V v;
-  for (int l = 0; l < kLanes; ++l) v[l] = x;
-  return v;
 }
 
 // exp(x) for x <= 80 (NaN and x < -80 give exp(-80), negligible next to the max term 1, and never a subnormal,
@@ -91,7 +75,7 @@ SLIM_INLINE F exp_neg_t(F x) {
 }
 
 SLIM_INLINE float exp_neg(float x) { return exp_neg_t<float, uint32_t, int32_t>(x); }
-SLIM_INLINE vf exp_neg(vf x) { return exp_neg_t<vf, vu, vi>(x); }
+
 
 SLIM_INLINE float f16_to_f32(uint32_t h) {
   const uint32_t em = h & 0x7fffu;
@@ -115,36 +99,6 @@ SLIM_INLINE float load_elem(const void* row, int64_t i) {
 }
 
 // elements [i, i + 16) of a row as fp32
-template <int DT>
-SLIM_INLINE vf load_vec(const void* row, int64_t i) {
-  vf x;
-  if constexpr (DT == kDTypeF32) {
-    std::memcpy(&x, static_cast<const float*>(row) + i, sizeof(x));
-  } else {
-    vh h16;
-    std::memcpy(&h16, static_cast<const uint16_t*>(row) + i, sizeof(h16));
-    const vu h = __builtin_convertvector(h16, vu);
-    if constexpr (DT == kDTypeBF16) {
-      const vu b = h << 16;
-      std::memcpy(&x, &b, sizeof(x));
-    } else {
-      const vu em = h & 0x7fffu;
-      const vf sub = __builtin_convertvector(em, vf) * 0x1p-24f;
-      const vu nb = (em << 13) + ((127u - 15u) << 23);
-      const vu sb = (em << 13) | 0x7f800000u;
-      vf norm, special;
-      std::memcpy(&norm, &nb, sizeof(norm));
-      std::memcpy(&special, &sb, sizeof(special));
-      const vf mag = em < 0x400u ? sub : (em >= 0x7c00u ? special : norm);
-      vu mb;
-      std::memcpy(&mb, &mag, sizeof(mb));
-      mb |= (h & 0x8000u) << 16;
-      std::memcpy(&x, &mb, sizeof(x));
-    }
-  }
-  return x;
-}
-
 struct SlotOut {
   int64_t idx;    // greedy argmax / sampled index (-1 when none)
   float m;        // max of z/T
@@ -153,76 +107,7 @@ struct SlotOut {
   uint32_t bad;   // a NaN or +inf logit was seen
 };
 
-// One block: values (z, or z/T when sampling) into `buf` when they are not read in place, the block max of the
-// values and whether a logit is NaN or +inf. Returns where the values are.
-template <int DT, bool SAMPLE>
-SLIM_INLINE const float* block_prepare(const void* row, int64_t b0, int n, float t, float* buf, float& bmax,
-                                       uint32_t& bbad) {
-  constexpr bool kCopy = SAMPLE || DT != kDTypeF32;
-  const vf inf = splat<vf>(INFINITY);
-  const vf tv = splat<vf>(t);
-  vf lm = -inf;
-  vi lb = splat<vi>(0);
-  const int nf = n & ~(kLanes - 1);
-  for (int i = 0; i < nf; i += kLanes) {
-    const vf x = load_vec<DT>(row, b0 + i);
-    lb |= ~(x < inf);  // NaN or +inf
-    vf y = x;
-    if (SAMPLE) y = x / tv;
-    if (kCopy) std::memcpy(buf + i, &y, sizeof(y));
-    lm = y > lm ? y : lm;
-  }
-  float mx = -INFINITY;
-  uint32_t bd = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    mx = lm[l] > mx ? lm[l] : mx;
-    bd |= static_cast<uint32_t>(lb[l]);
-  }
-  for (int i = nf; i < n; ++i) {
-    const float x = load_elem<DT>(row, b0 + i);
-    bd |= (x < INFINITY) ? 0u : 1u;
-    const float y = SAMPLE ? x / t : x;
-    if (kCopy) buf[i] = y;
-    mx = y > mx ? y : mx;
-  }
-  bmax = mx;
-  bbad = bd;
-  if constexpr (kCopy) {
-    return buf;
-  } else {
-    return static_cast<const float*>(row) + b0;
-  }
-}
-
-// Σ exp(z_i − m) over a block, m finite; two independent accumulators
-SLIM_INLINE float block_sum_exp(const float* z, int n, float m) {
-  const vf mv = splat<vf>(m);
-  vf acc0 = splat<vf>(0.0f), acc1 = splat<vf>(0.0f);
-  const int nf2 = n & ~(2 * kLanes - 1);
-  for (int i = 0; i < nf2; i += 2 * kLanes) {
-    vf x0, x1;
-    std::memcpy(&x0, z + i, sizeof(x0));
-    std::memcpy(&x1, z + i + kLanes, sizeof(x1));
-    acc0 += exp_neg(x0 - mv);
-    acc1 += exp_neg(x1 - mv);
-  }
-  acc0 += acc1;
-  float s = 0.0f;
-  for (int l = 0; l < kLanes; ++l) s += acc0[l];
-  for (int i = nf2; i < n; ++i) s += exp_neg(z[i] - m);
-  return s;
-}
-
 SLIM_INLINE uint32_t rng_bits(uint32_t key, uint32_t v) { return mix32(key + v * 0x9E3779B9u); }
-SLIM_INLINE vu rng_bits(vu key, vu v) {
-  vu x = key + v * 0x9E3779B9u;
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
 
 // The reference's Gumbel score of element v (u = ((bits >> 9) + 0.5)·2^-23 exactly, g = -log(-log u), fp32
 // libm logarithms); updates the best score (ties keep the lower index: elements are visited in index order).
@@ -238,85 +123,21 @@ SLIM_INLINE void gumbel_exact(float zt, int64_t v, uint32_t key, float& best, fl
   }
 }
 
-SLIM_INLINE bool any_lane(vi m) {
-  uint64_t w[kLanes / 2];
-  std::memcpy(w, &m, sizeof(w));
-  uint64_t acc = 0;
-  for (int q = 0; q < kLanes / 2; ++q) acc |= w[q];
-  return acc != 0;
-}
 
-// Gumbel-max over one block of z/T values. A lane can only win when g > d = best − z/T, d lowered by a slack
-// (1e-3 + 1e-6·(|best| + |z/T|)) that covers libm's and fp32's rounding of the exact score. Two vectorised
-// filters, both necessary conditions: (1) g <= −log(1 − u) <= −e·ln2 with 2^e <= 1 − u (1 − u is exact and e
-// its fp32 exponent): integer work only, and it rejects whole vectors almost always; (2) for the vectors left,
-// g > d <=> u > exp(−exp(−d)), evaluated with the polynomial exp and the threshold lowered by 1e-4 (polynomial
-// error). Lanes that pass both get the exact score, in index order (ties keep the lower index).
-SLIM_INLINE void gumbel_block(const float* z, int n, int64_t b0, uint32_t key, float& best, float& best_zt,
-                              int64_t& idx) {
-  const int nf = n & ~(kLanes - 1);
-  vu lane;
-  for (int l = 0; l < kLanes; ++l) lane[l] = static_cast<uint32_t>(l);
-  const vu keyv = splat<vu>(key);
-  for (int i = 0; i < nf; i += kLanes) {
-    vf zt;
-    std::memcpy(&zt, z + i, sizeof(zt));
-    const vf bestv = splat<vf>(best);
-    const vf abs_zt = zt < 0.0f ? -zt : zt;
-    const vf d = bestv - zt - (1e-3f + 1e-6f * (abs_zt + (best < 0.0f ? -best : best)));
-    const vu bits = rng_bits(keyv, lane + static_cast<uint32_t>(b0 + i));
-    const vf u = (__builtin_convertvector((vi)(bits >> 9), vf) + 0.5f) * 0x1p-23f;
-    const vf omu = 1.0f - u;  // exact: u = k·2^-24 with k < 2^24
-    vu ob;
-    std::memcpy(&ob, &omu, sizeof(ob));
-    const vi e2 = 127 - (vi)(ob >> 23);  // −e >= 1
-    const vf bound = __builtin_convertvector(e2, vf) * 0.693147242f;  // −e·ln2, ln2 rounded up
-    const vi nan_d = d != d;  // NaN: let the exact path decide
-    const vi pass1 = (bound > d) | nan_d;
-    if (!any_lane(pass1)) continue;
-    vf neg_d = -d;
-    neg_d = neg_d < 80.0f ? neg_d : splat<vf>(80.0f);
-    vf ex = exp_neg(neg_d);  // exp(−d), also for −d > 0 (exact exponent arithmetic up to e^80)
-    ex = ex > 1e-15f ? ex : splat<vf>(1e-15f);  // exp(−ex) rounds to 1 anyway; keeps the polynomial off subnormals
-    const vf th = exp_neg(-ex) * (1.0f - 1e-4f);
-    const vi cand = pass1 & ((u > th) | nan_d);
-    if (!any_lane(cand)) continue;
-    for (int l = 0; l < kLanes; ++l) {
-      if (cand[l]) gumbel_exact(z[i + l], b0 + i + l, key, best, best_zt, idx);
-    }
-  }
-  for (int i = nf; i < n; ++i) {
-    if (z[i] + kGumbelBound > best) gumbel_exact(z[i], b0 + i, key, best, best_zt, idx);
-  }
-}
-
-// One slot: greedy (argmax, lowest index among equal maxima) or Gumbel-max with key `key`.
-template <int DT, bool SAMPLE>
-SLIM_INLINE void scan_slot(const void* row, int64_t V, float t, uint32_t key, SlotOut* out) {
-  alignas(64) float buf[kBlock];
-  float m = -INFINITY, s = 0.0f, best = -INFINITY, best_zt = -INFINITY;
-  int64_t idx = -1;
-  uint32_t bad = 0;
-  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, V - b0));
-    float bmax;
-    uint32_t bbad;
-    const float* z = block_prepare<DT, SAMPLE>(row, b0, n, t, buf, bmax, bbad);
-    bad |= bbad;
-    if (bmax > m) {
-      if (!SAMPLE) {
-        int first = 0;
-        while (first < n && !(z[first] == bmax)) ++first;
-        idx = b0 + first;
-      }
-      s = m == -INFINITY ? 0.0f : s * std::exp(m - bmax);
-      m = bmax;
-    }
-    if (m != -INFINITY) s += block_sum_exp(z, n, m);
-    if (SAMPLE && bmax + kGumbelBound > best) gumbel_block(z, n, b0, key, best, best_zt, idx);
-  }
-  *out = SlotOut{idx, m, s, best_zt, bad};
-}
+namespace lanes16b {
+constexpr int kVBytes = 16;
+#include "tau_budget/tau_budget_cpu_lanes.inc"
+}  // namespace lanes16b
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+namespace lanes32b {
+constexpr int kVBytes = 32;
+#include "tau_budget/tau_budget_cpu_lanes.inc"
+}  // namespace lanes32b
+namespace lanes64b {
+constexpr int kVBytes = 64;
+#include "tau_budget/tau_budget_cpu_lanes.inc"
+}  // namespace lanes64b
+#endif
 
 using SlotFn = void (*)(const void*, int64_t, float, uint32_t, SlotOut*);
 
@@ -326,24 +147,24 @@ struct SlotKernels {
   bool ok;  // runs on this machine
 };
 
-#define SLIM_SLOT_KERNELS(SUFFIX, ATTR)                                                                     \
+#define SLIM_SLOT_KERNELS(SUFFIX, NS, ATTR)                                                                     \
   ATTR void slot_f32_g_##SUFFIX(const void* p, int64_t V, float t, uint32_t k, SlotOut* o) {                \
-    scan_slot<kDTypeF32, false>(p, V, t, k, o);                                                             \
+    NS::scan_slot<kDTypeF32, false>(p, V, t, k, o);                                                             \
   }                                                                                                         \
   ATTR void slot_f32_s_##SUFFIX(const void* p, int64_t V, float t, uint32_t k, SlotOut* o) {                \
-    scan_slot<kDTypeF32, true>(p, V, t, k, o);                                                              \
+    NS::scan_slot<kDTypeF32, true>(p, V, t, k, o);                                                              \
   }                                                                                                         \
   ATTR void slot_f16_g_##SUFFIX(const void* p, int64_t V, float t, uint32_t k, SlotOut* o) {                \
-    scan_slot<kDTypeF16, false>(p, V, t, k, o);                                                             \
+    NS::scan_slot<kDTypeF16, false>(p, V, t, k, o);                                                             \
   }                                                                                                         \
   ATTR void slot_f16_s_##SUFFIX(const void* p, int64_t V, float t, uint32_t k, SlotOut* o) {                \
-    scan_slot<kDTypeF16, true>(p, V, t, k, o);                                                              \
+    NS::scan_slot<kDTypeF16, true>(p, V, t, k, o);                                                              \
   }                                                                                                         \
   ATTR void slot_bf16_g_##SUFFIX(const void* p, int64_t V, float t, uint32_t k, SlotOut* o) {               \
-    scan_slot<kDTypeBF16, false>(p, V, t, k, o);                                                            \
+    NS::scan_slot<kDTypeBF16, false>(p, V, t, k, o);                                                            \
   }                                                                                                         \
   ATTR void slot_bf16_s_##SUFFIX(const void* p, int64_t V, float t, uint32_t k, SlotOut* o) {               \
-    scan_slot<kDTypeBF16, true>(p, V, t, k, o);                                                             \
+    NS::scan_slot<kDTypeBF16, true>(p, V, t, k, o);                                                             \
   }                                                                                                         \
   SlotKernels kernels_##SUFFIX(const char* isa) {                                                           \
     SlotKernels k{};                                                                                        \
@@ -358,11 +179,11 @@ struct SlotKernels {
     return k;                                                                                               \
   }
 
-SLIM_SLOT_KERNELS(base, )
+SLIM_SLOT_KERNELS(base, lanes16b, )
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SLIM_X86_DISPATCH 1
-SLIM_SLOT_KERNELS(avx2, __attribute__((target("avx2,fma,bmi,bmi2,f16c,popcnt"))))
-SLIM_SLOT_KERNELS(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,f16c,popcnt"))))
+SLIM_SLOT_KERNELS(avx2, lanes32b, __attribute__((target("avx2,fma,bmi,bmi2,f16c,popcnt"))))
+SLIM_SLOT_KERNELS(avx512, lanes64b, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,f16c,popcnt"))))
 #endif
 
 // [0] baseline, [1] AVX2+FMA, [2] AVX-512; `ok` says whether this machine runs them
