@@ -767,9 +767,14 @@ class Trainer:
         self._last_saved = self.step
         self._abandoned = self.step
         if self.info.is_main and os.path.exists(self.metrics_path):
+            lines = []
             with open(self.metrics_path) as f:
-                lines = [json.loads(line) for line in f if line.strip()]
-            keep = [r for r in lines if r.get("step", 0) <= self.step]
+                for line in f:
+                    try:
+                        lines.append(json.loads(line))
+                    except ValueError:  # a line torn by the kill
+                        continue
+            keep = [r for r in lines if isinstance(r, dict) and r.get("step", 0) <= self.step]
             with open(self.metrics_path, "w") as f:
                 for r in keep:
                     f.write(json.dumps(r) + "\n")

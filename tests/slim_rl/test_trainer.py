@@ -87,6 +87,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     p.wait()
     assert p.returncode == -signal.SIGKILL, p.returncode                 # really killed mid-run
     assert 2 <= len(_records(tmp_path / "B" / "metrics.jsonl")) < steps
+    with open(tmp_path / "B" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "rew')                                      # a line torn by the kill
     c = _run(tmp_path, tmp_path / "B", True, extra)
     assert c.returncode == 0, c.stderr[-3000:]
     ra, rb = _records(tmp_path / "A" / "metrics.jsonl"), _records(tmp_path / "B" / "metrics.jsonl")
