@@ -159,6 +159,10 @@ class ShiftTask:
             raise ValueError(f"num_eval must be an int in 1..100000, got {num_eval!r}")
         self.length, self.demo_error, self.flaw_from = length, demo_error, flaw_from
         self.max_answer_len = length + 1  # the digits, then EOS
+        # demonstrations repeat EOS up to the next multiple of 16 tokens: masked-diffusion SFT then never
+        # shows the model pad tokens inside the answer's last block (at generation those slots are masks,
+        # and visible pads would give the answer's end away); the decoder cuts at the first EOS
+        self._eos_run = -(-(length + 1) // 16) * 16 - length
         rng = random.Random(seed)
         seen: set[tuple[int, ...]] = set()
         self._eval: list[tuple[int, ...]] = []
@@ -213,13 +217,14 @@ class ShiftTask:
         return out
 
     def demonstrations(self, n: int, rng: random.Random) -> list[tuple[list[int], list[int]]]:
-        """``n`` (prompt, demonstrated response + EOS) pairs from the flawed demonstrator."""
+        """``n`` (prompt, demonstrated response + EOS, repeated up to a multiple of 16 tokens) pairs from the
+        flawed demonstrator."""
         out = []
         for _ in range(n):
             p = self._train_problem(rng)
             wrong = self.is_flawed(p) and rng.random() < self.demo_error
             ans = self.flawed_answer_ids(p) if wrong else self.answer_ids(p)
-            out.append((self.prompt_ids(p), ans + [self.eos_id]))
+            out.append((self.prompt_ids(p), ans + [self.eos_id] * self._eos_run))
         return out
 
     def eval_set(self) -> list[Example]:
