@@ -1,4 +1,4 @@
-"""Block-diffusion attention layouts (SPEC.md §3): which query may attend to which key.
+"""Block-diffusion attention layouts (docs/attention.md): which query may attend to which key.
 
 A :class:`BlockLayout` describes one token stream by a handful of integers plus an optional prompt
 padding bitmap; no N×N tensor is stored. The stream is
@@ -22,22 +22,22 @@ and the predicate ``allowed(q, k)`` is (``padkey(k)`` = k is a prompt pad; P∪C
     q ∈ X_s : (k ∈ P∪C ∧ blk(k) < blk(q) ∧ ¬padkey(k)) ∨ (k ∈ X_s ∧ blk(k) = blk(q))
     a prompt row with no allowed key attends to itself only
 
-The constructors map the SPEC layouts onto this one description:
+The constructors (docs/attention.md, 'The four layouts') map onto this one description:
 
 =====================================================  ====  =====  ===  =========
 constructor                                            L0    L1     n    q_start
 =====================================================  ====  =====  ===  =========
-``train(L0, L1, K, prompt_pad)``      (§3.3)           L0    L1     1    0
-``packed(L0, L1, K, n, prompt_pad)``  (§3.4, shared C) L0    L1     n    0
-``staircase(L, K)``                   (§3.1)           0     L      0    0
-``decode(ℓ, K, cache_pad)``           (§3.2)           ℓ     K      0    ℓ
+``train(L0, L1, K, prompt_pad)``      (training)       L0    L1     1    0
+``packed(L0, L1, K, n, prompt_pad)``  (shared C)       L0    L1     n    0
+``staircase(L, K)``                   (prefill, SFT)   0     L      0    0
+``decode(ℓ, K, cache_pad)``           (decode step)    ℓ     K      0    ℓ
 =====================================================  ====  =====  ===  =========
 
 (The staircase is a clean stream without prompt: ⌊k/K⌋ ≤ ⌊q/K⌋. Decode is a "prompt" = the cache,
 every block of which precedes the current block, plus the K new slots: every pair is allowed,
 except cache pads when ``cache_pad`` is given.)
 
-Position ids (SPEC §3.3): ``valid_j = (j ≥ L0) ∨ ¬pad_j``,
+Position ids (docs/attention.md, 'The training layout'): ``valid_j = (j ≥ L0) ∨ ¬pad_j``,
 ``pos = cumsum(valid) − 1`` over P∪C with nothing overwritten (left pads get −1; pads are hidden keys, so
 their positions change no non-pad output), and every noisy stream reuses C's positions.
 
@@ -95,7 +95,7 @@ class BlockLayout:
         prompt_len: L0, the (left-padded) prompt length; for ``decode`` the cache length ℓ.
         response_len: L1, the clean response length (= each noisy stream's length); ``K`` for decode.
         block_size: K ≥ 1.
-        num_noisy: number of noisy streams n (1 = the SPEC §3.3 training layout, 0 = no noisy part).
+        num_noisy: number of noisy streams n (1 = the training layout, 0 = no noisy part).
         q_start: first query position in the stream (queries are ``[q_start, seq_len)``).
         prompt_pad: optional bool [B, L0], True where the prompt (cache) token is a pad.
         kind: "train", "packed", "staircase" or "decode" (informative).
@@ -113,7 +113,7 @@ class BlockLayout:
     @classmethod
     def train(cls, prompt_len: int, response_len: int, block_size: int,
               prompt_pad: torch.Tensor | None = None) -> BlockLayout:
-        """[prompt ‖ clean response ‖ noisy response], N = L0 + 2·L1 (SPEC §3.3).
+        """[prompt ‖ clean response ‖ noisy response], N = L0 + 2·L1 (docs/attention.md, 'The training layout').
 
         Args:
             prompt_len: L0 ≥ 0 (left-padded prompt). response_len: L1 ≥ 1. block_size: K ≥ 1.
@@ -127,7 +127,8 @@ class BlockLayout:
     @classmethod
     def packed(cls, prompt_len: int, response_len: int, block_size: int, num_noisy: int,
                prompt_pad: torch.Tensor | None = None) -> BlockLayout:
-        """Shared clean stream (SPEC §3.4): one P∪C stream followed by ``num_noisy`` noisy streams.
+        """Shared clean stream (docs/attention.md, 'Shared clean stream'): one P∪C stream followed by ``num_noisy``
+        noisy streams.
 
         N = L0 + (1 + n)·L1. Noisy stream s occupies ``[L0 + L1 + s·L1, L0 + L1 + (s+1)·L1)``; X↔X
         attention is allowed only inside one stream. ``packed(L0, L1, K, 1)`` equals ``train(L0, L1, K)``.
@@ -140,14 +141,15 @@ class BlockLayout:
 
     @classmethod
     def staircase(cls, seq_len: int, block_size: int) -> BlockLayout:
-        """Prefill / SFT (SPEC §3.1): allowed ⇔ ⌊k/K⌋ ≤ ⌊q/K⌋, Lq = Lk = seq_len."""
+        """Prefill / SFT (docs/attention.md, 'The four layouts'): allowed ⇔ ⌊k/K⌋ ≤ ⌊q/K⌋, Lq = Lk = seq_len."""
         L = _check_int("seq_len", seq_len, 1)
         K = _check_int("block_size", block_size, 1)
         return cls(0, L, K, 0, 0, None, "staircase")
 
     @classmethod
     def decode(cls, cache_len: int, block_size: int, cache_pad: torch.Tensor | None = None) -> BlockLayout:
-        """One decode step (SPEC §3.2): K queries at [ℓ, ℓ+K), keys = cache [0, ℓ) + the K new keys.
+        """One decode step (docs/attention.md, 'The four layouts'): K queries at [ℓ, ℓ+K), keys = cache [0, ℓ) + the K
+        new keys.
 
         Every pair is allowed; with ``cache_pad`` (bool [B, ℓ], True at left-pad tokens of the cached
         prompt) the pad keys are hidden. Lq = K, Lk = ℓ + K.
@@ -178,8 +180,8 @@ class BlockLayout:
 
     @property
     def pad_keys_only(self) -> bool:
-        """True when every (query, key) pair is allowed except pad keys (decode steps, SPEC §3.2): no noisy
-        stream, no prompt row among the queries and one clean block, so ``dense_mask() == ~key_padding()``
+        """True when every (query, key) pair is allowed except pad keys (decode steps, see docs/attention.md):
+        no noisy stream, no prompt row among the queries and one clean block, so ``dense_mask() == ~key_padding()``
         broadcast over the rows. The torch backend then masks with the [B, 1, 1, Lk] key bitmap only."""
         return self.num_noisy == 0 and self.q_start >= self.prompt_len and self.response_len <= self.block_size
 
@@ -255,8 +257,9 @@ class BlockLayout:
     def position_ids(self, device: torch.device | str | None = None) -> torch.Tensor:
         """int64 [B or 1, Lk]: RoPE positions of the whole stream (queries: ``[:, q_start:]``).
 
-        ``valid = (j ≥ L0) ∨ ¬pad``; ``pos = cumsum(valid) − 1`` over P∪C (SPEC §3.3, so left pads get −1: they
-        are hidden keys and their own rows attend only to themselves, so their value changes no valid output);
+        ``valid = (j ≥ L0) ∨ ¬pad``; ``pos = cumsum(valid) − 1`` over P∪C (docs/attention.md, 'The training layout', so
+        left pads get −1: they are hidden keys and their own rows attend only to themselves, so their value changes no
+        valid output);
         noisy streams reuse the clean positions.
         """
         device = self.device if device is None else device
@@ -275,8 +278,8 @@ class BlockLayout:
                    ) -> torch.Tensor:
         """bool [B or 1, Lq, Lk] (or the query rows ``[r0, r1)`` only): the reference predicate.
 
-        Built from block ids and stream ids exactly as SPEC §3.3 states it (O(Lq·Lk) memory: for tests,
-        the torch backend's query chunks and the dense-mask baselines, never for the kernel path).
+        Built from block ids and stream ids exactly as docs/attention.md, 'The training layout' states it (O(Lq·Lk)
+        memory: for tests, the torch backend's query chunks and the dense-mask baselines, never for the kernel path).
         """
         device = self.device if device is None else device
         r0, r1 = (0, self.num_queries) if rows is None else rows

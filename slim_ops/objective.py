@@ -1,4 +1,4 @@
-"""Quadrature, per-block mask schedules and training-row construction (SPEC §4.2 and §5).
+"""Quadrature, per-block mask schedules and training-row construction (docs/objective.md).
 
 Everything here is vectorised and runs on the device of its inputs; the only host synchronisations
 size the outputs (the row count of :func:`build_trace_rows` depends on the step maps; the other builders
@@ -119,7 +119,8 @@ def _block_probs(t: torch.Tensor, nb: torch.Tensor, j: torch.Tensor, spread: flo
 
 def block_mask_probs(t: float | torch.Tensor, num_blocks: int, spread: float = 0.2, shape: str = "cosine",
                      decreasing: bool = True, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per-block mask probabilities for quadrature node ``t`` over ``num_blocks`` blocks (SPEC §4.2).
+    """Per-block mask probabilities for quadrature node ``t`` over ``num_blocks`` blocks (docs/objective.md, 'SLIM
+    rows').
 
     σ_eff = max(0, min(σ, 2·min(t, 1−t) − 1e−6));  nb = 1 → p_0 = t;
     cosine: p_j = t + (σ_eff/2)·cos(π·j/(nb−1));   linear: p_j = t + σ_eff/2 − σ_eff·j/(nb−1).
@@ -195,7 +196,7 @@ def build_slim_rows(response_ids: torch.Tensor, response_len: torch.Tensor, *, b
                     pad_id: int, num_nodes: int = 3, spread: float = 0.2, shape: str = "cosine",
                     decreasing: bool = True, schedule_blocks: str = "response", post_tokens: int = 0,
                     generator: torch.Generator | None = None, nodes: str = "gauss_legendre") -> SlimRows:
-    """Trace-free random-masking rows: ``num_nodes`` noisy copies of every response (SPEC §4.2).
+    """Trace-free random-masking rows: ``num_nodes`` noisy copies of every response (docs/objective.md, 'SLIM rows').
 
     For response b (valid length n_b = response_len[b]) and quadrature node (t_k, w_k):
       nb = ⌈n_b/K⌉ (``schedule_blocks="response"``) or ⌈L1/K⌉ (``"padded"``, the reference);
@@ -300,7 +301,7 @@ def _dense_block_rank(step_map: torch.Tensor, valid: torch.Tensor, block_size: i
 def build_trace_rows(response_ids: torch.Tensor, step_map: torch.Tensor, *, block_size: int, shrink: int,
                      mask_id: int, pad_id: int, response_len: torch.Tensor | None = None,
                      post_tokens: int = 0) -> TraceRows:
-    """TraceRL trajectory-slicing rows (SPEC §5).
+    """TraceRL trajectory-slicing rows (docs/objective.md, 'TraceRL rows').
 
     σ_i = step_map[b, i] is the global decode step that committed token i. In every block β the
     distinct σ values u_0 < … < u_{D−1} are grouped in runs of ``shrink`` (group g = ⌊rank/shrink⌋,

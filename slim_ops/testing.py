@@ -1,6 +1,6 @@
 """Test helpers shared by the whole suite: the one tolerance table and readable comparisons.
 
-Rules (STYLE.md §8): kernels are compared with the fp32 reference; in low precision a kernel's
+Rules: kernels are compared with the fp32 reference; in low precision a kernel's
 error against the fp32 reference may be at most ``THREE_WAY_FACTOR`` times the error of the same
 PyTorch code run in that precision (plus a tiny absolute floor for exact-zero cases). Nothing here
 depends on the environment.

@@ -1,4 +1,4 @@
-// Log-prob of each row's label from logits held in memory (SPEC §4.3), one pass over the row:
+// Log-prob of each row's label from logits held in memory (docs/objective.md, 'Log-probabilities'), one pass over the row:
 //   logp_i = z_{i,y_i} - logsumexp_v z_{i,v},  z = logits / T,  entropy_i = log s - t / s
 // with the online state (m, s = Σ exp(z - m), t = Σ exp(z - m)(z - m)) merged across threads.
 // Backward: dlogits_{i,v} = g_i / T · ([v = y_i] - exp(z_{i,v} - lse_i)).

@@ -1,4 +1,4 @@
-// Fused τ-budget decode step: see tau_budget.cuh and SPEC.md §2; the definition is
+// Fused τ-budget decode step: see tau_budget.cuh and docs/decode.md; the definition is
 // slim_ops/ops/tau_budget/reference.py (counter-based RNG, invalid slots, fp32 arithmetic order).
 #include "tau_budget/tau_budget.cuh"
 

@@ -1,4 +1,4 @@
-// Fused τ-budget decode step (SPEC.md §2): raw pointers + stream, no torch headers.
+// Fused τ-budget decode step (docs/decode.md): raw pointers + stream, no torch headers.
 //
 // tau_budget_step runs two kernels on `stream`:
 //   1. _tau_budget_slot_kernel   one block per (slot, V-split): one pass over the split's logits with 16-byte

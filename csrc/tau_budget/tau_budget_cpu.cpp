@@ -215,7 +215,8 @@ const SlotKernels* kernels(int isa) {
   return &t[isa];
 }
 
-// SPEC §2.3/§2.4 for one row, in the reference's fp32 order: eligible slots sorted by (c desc, index asc),
+// The selection rules of docs/decode.md ('The τ-budget rule', 'Other selection rules') for one row, in the
+// reference's fp32 order: eligible slots sorted by (c desc, index asc),
 // U summed over the above-τ prefix, k clamped to [f, |M|], risk over the committed prefix.
 void select_row(const float* c, const bool* eligible, int K, float tau, float b, int32_t f, int strategy,
                 bool* commit, int32_t* num, float* risk) {

@@ -1,4 +1,4 @@
-// Fused τ-budget decode step on the CPU (SPEC.md §2; the definition is slim_ops/ops/tau_budget/reference.py):
+// Fused τ-budget decode step on the CPU (docs/decode.md; the definition is slim_ops/ops/tau_budget/reference.py):
 // raw host pointers in, an error code out, no torch headers, no CUDA.
 //
 // tau_budget_step_cpu: `n_threads` std::threads (the caller passes torch.get_num_threads()) take slots in turn;

@@ -13,7 +13,7 @@ Call pattern (the layout travels with each forward call)::
     model.set_attn_implementation(hf.register())  # or from_pretrained(..., attn_implementation=hf.register())
     layout = slim_ops.BlockLayout.train(L0, L1, 16, prompt_pad=ids[:, :L0] == pad_id)
     out = model(input_ids=ids,                            # [B, L0 + 2·L1] = [prompt ‖ clean ‖ noisy]
-                position_ids=layout.position_ids(),       # SPEC §3.3 positions (noisy reuses clean)
+                position_ids=layout.position_ids(),       # positions of docs/attention.md (noisy reuses clean)
                 block_layout=layout)                      # forwarded by transformers to every attention layer
 
     # Models whose forward does not pass extra kwargs through (some remote-code models): set it for a scope

@@ -1,1 +1,1 @@
-"""Block-diffusion attention (SPEC §3): reference, Triton kernels, public op."""
+"""Block-diffusion attention (docs/attention.md): reference, Triton kernels, public op."""

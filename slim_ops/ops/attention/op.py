@@ -5,7 +5,7 @@ query head h (key/value head ``h // (Hq/Hkv)``),
 
     o[b, h, i] = Σ_j softmax_j( scale · q[b,h,i]·k[b,h',j]  masked to allowed(i, j) ) · v[b,h',j]
 
-where ``allowed`` is the predicate of ``layout`` (:class:`slim_ops.BlockLayout`, SPEC §3). Forward and
+where ``allowed`` is the predicate of ``layout`` (:class:`slim_ops.BlockLayout`, docs/attention.md). Forward and
 backward are differentiable in q, k and v.
 
 Registered ops (the layout travels as its integers plus the optional pad bitmap):
@@ -290,7 +290,7 @@ def block_diffusion_attention(
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Attention under a block-diffusion layout (SPEC §3), differentiable in q, k, v.
+    """Attention under a block-diffusion layout (docs/attention.md), differentiable in q, k, v.
 
     Args:
         q: [B, Hq, Lq, D] with Lq = ``layout.num_queries``; bf16, fp16 or fp32 (any strides; the last

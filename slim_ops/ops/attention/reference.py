@@ -2,7 +2,8 @@
 
 ``O = softmax(scale · Q Kᵀ + bias) V`` per (batch, query head), with ``bias = 0`` where
 ``layout.dense_mask()`` allows the pair and −∞ elsewhere; query head h reads key/value head
-``h // (Hq / Hkv)`` (GQA). Every row has at least one allowed key (SPEC §3.3's empty-row rule), so
+``h // (Hq / Hkv)`` (GQA). Every row has at least one allowed key (a fully masked row sees itself, see
+docs/attention.md, 'The training layout'), so
 the softmax is always defined.
 
 * :func:`block_diffusion_attention_ref` — one dense fp32 pass (tests only: O(Lq·Lk) memory).

@@ -1,4 +1,4 @@
-"""Triton flash-attention forward and backward for block-diffusion layouts (SPEC §3).
+"""Triton flash-attention forward and backward for block-diffusion layouts (docs/attention.md).
 
 The mask is never stored. Each query row derives its allowed keys from (L0, L1, K, Lc = L0 + L1,
 the stream position, the first non-pad prompt index) as two key intervals (see

@@ -1,1 +1,2 @@
-"""Masked log-probabilities (SPEC §4.3): reference.py, triton.py (fused LM-head kernels), cuda.py, op.py."""
+"""Masked log-probabilities (docs/objective.md, 'Log-probabilities'): reference.py, triton.py (fused LM-head kernels),
+cuda.py, op.py."""

@@ -1,5 +1,5 @@
-"""Public masked log-prob ops (SPEC §4.3): ``masked_logprob`` (hidden + LM head, never [N, V]) and
-``logprob_from_logits`` (callers that already hold logits).
+"""Public masked log-prob ops (docs/objective.md, 'Log-probabilities'): ``masked_logprob`` (hidden + LM head,
+never [N, V]) and ``logprob_from_logits`` (callers that already hold logits).
 
 Registered as ``slim_ops::masked_logprob`` / ``slim_ops::masked_logprob_bwd`` and
 ``slim_ops::logprob_from_logits`` / ``slim_ops::logprob_from_logits_bwd``. The forward saves only the

@@ -1,4 +1,5 @@
-"""Per-token log-probabilities of the masked rows (SPEC §4.3) in plain fp32 PyTorch: the executable spec.
+"""Per-token log-probabilities of the masked rows (docs/objective.md, 'Log-probabilities') in plain fp32 PyTorch: the
+executable spec.
 
     z      = (hidden · weightᵀ) / T                       [N, V]   (materialised here only)
     logp_i = z_{i, y_i} − logsumexp_v z_{i, v}

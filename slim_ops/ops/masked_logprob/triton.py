@@ -1,4 +1,4 @@
-"""Triton kernels for masked log-probs (SPEC §4.3).
+"""Triton kernels for masked log-probs (docs/objective.md, 'Log-probabilities').
 
 ``_masked_logprob_fwd_kernel``: [BN rows] x [one vocabulary split] per program; tiles z = h·Wᵀ/T of
 [BN, BV] (loop over d in BD steps, fp32 accumulation), online max / Σexp / centred Σexp·z and the label
@@ -166,7 +166,8 @@ def _logprob_from_logits_bwd_kernel(g_ptr, z_ptr, y_ptr, lse_ptr, dz_ptr, V, s_z
 # stages (128 KiB shared memory): per D step the tile reads (BN + BV)·BD·2 B for 2·BN·BV·BD FLOP, 64 FLOP/B
 # from shared memory/L2 (64 x 128: 43 FLOP/B, wgmma m64n64). The forward uses 255 registers, the backward
 # 208, without spilling at sm_90a; the 64 x 128 forward used 190: one 256-thread CTA per SM either way, so
-# the larger tile costs no occupancy. 128 x 256 (85 FLOP/B, m64n256) spills in both kernels; 256 x 128 spills in the backward
+# the larger tile costs no occupancy. 128 x 256 (85 FLOP/B, m64n256) spills in both kernels; 256 x 128 spills in the
+# backward
 # (tests/test_compile.py and the AOT report hold these numbers). From HBM, a [BN, D] row block is re-read
 # per vocabulary tile and a [D, BV] weight tile per row block; the program order (split or tile fastest,
 # grouped) makes the ~2·sqrt(#SM) programs in flight share both in L2.

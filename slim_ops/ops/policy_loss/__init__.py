@@ -1,1 +1,2 @@
-"""SLIM-RL policy loss (SPEC §4.4-4.5): reference.py (fp32 spec), triton.py (row kernels), op.py (public)."""
+"""SLIM-RL policy loss (docs/objective.md, 'The SLIM loss'): reference.py (fp32 spec), triton.py (row kernels), op.py
+(public)."""

@@ -1,4 +1,5 @@
-"""Public SLIM-RL policy loss (SPEC §4.4-4.5) and the trainer helper that chains it to masked_logprob.
+"""Public SLIM-RL policy loss (docs/objective.md, 'The SLIM loss') and the trainer helper that chains it to
+masked_logprob.
 
 ``slim_policy_loss`` is registered as ``slim_ops::slim_policy_loss`` (forward: per-row segmented
 reductions) with a closed-form backward ``slim_ops::slim_policy_loss_bwd``; both have a torch and a
@@ -17,7 +18,7 @@ from slim_ops.ops.policy_loss.reference import LOG_RATIO_CLAMP, LOSS_AGGS, aggre
 
 LEVELS = ("sequence", "block", "token")
 KL_ESTIMATORS = ("k3", "k2", "k1")
-DEFAULT_BLOCK_SIZE = 16  # K (SPEC §1)
+DEFAULT_BLOCK_SIZE = 16  # K, the default block length
 METRIC_NAMES = ("policy_loss", "kl_loss", "kl", "clip_frac", "ratio_mean", "masked_count", "clip_frac_delta")
 # per-row statistics produced by every backend: policy term P (sequence: the row's objective J; block /
 # token: Σ_M of the per-token objective), Σ_M κ, |M|, clipped units, units, Σ ratio, δ-capped units
@@ -305,7 +306,7 @@ def slim_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, loss_mask: torc
                      clip_delta: float | None = None, loss_agg: str | None = None,
                      kl_reference: torch.Tensor | None = None,
                      backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SLIM-RL clipped policy loss with a KL penalty (SPEC §4.4-4.5).
+    """SLIM-RL clipped policy loss with a KL penalty (docs/objective.md, 'The SLIM loss').
 
     Args:
         logp: [B, L] current log-probs ℓ_i(θ) of the response positions (fp32, bf16 or fp16; only
@@ -314,15 +315,15 @@ def slim_policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, loss_mask: torc
         loss_mask: [B, L] bool, the loss set M of each row (0/1 integer or float masks: nonzero = in M).
         advantages: [B] advantage A of each row; weights: [B] quadrature weight w_row (None = 1).
         level: ``"sequence"`` (default), ``"block"`` or ``"token"``.
-        block_size: K, the block length of ``level="block"`` (default 16, SPEC §1).
+        block_size: K, the block length of ``level="block"`` (default 16).
         clip_low, clip_high: ε_lo, ε_hi of the sequence/block ratio; clip_token: ε of the token ratio.
         kl_coef: β; kl_estimator: ``"k3"`` (default), ``"k2"`` or ``"k1"``.
         response_len: L1 used by the 1/L1 normalisations (default L).
         clip_delta: δ > 1 or None (default): cap of the unclipped ratio, J = min(min(s, δ)A, ŝA) — TRL's and
             Liger-Kernel's GRPO ``delta`` (two-sided clipping); for δ ≥ 1+ε_hi the same function as verl's
             dual-clip ``clip_ratio_c = δ`` (A < 0: the objective is bounded below by δA, no gradient past it).
-        loss_agg: ``None`` (SPEC §4.5, below) or one of ``"token-mean"`` (DAPO; verl token-mean, TRL
-            dapo/bnpo), ``"seq-mean-token-mean"`` (verl; TRL grpo), ``"seq-mean-token-sum"`` (verl),
+        loss_agg: ``None`` (docs/objective.md, 'The SLIM loss', below) or one of ``"token-mean"`` (DAPO; verl
+            token-mean, TRL dapo/bnpo), ``"seq-mean-token-mean"`` (verl; TRL grpo), ``"seq-mean-token-sum"`` (verl),
             ``"seq-mean-token-sum-norm"`` (Dr. GRPO; verl, TRL dr_grpo with L1 as the max length): how the
             per-token terms — policy and KL alike — are reduced (see ``reference.aggregate``; empty rows
             count in B as in TRL).

@@ -1,10 +1,10 @@
-"""SLIM-RL policy loss (SPEC §4.4-4.5) in plain fp32 PyTorch: the executable spec.
+"""SLIM-RL policy loss (docs/objective.md, 'The SLIM loss') in plain fp32 PyTorch: the executable spec.
 
 Autograd through :func:`slim_policy_loss_ref` is the reference gradient. ``torch.minimum`` splits the
 gradient evenly at ties and ``torch.clamp`` passes it on the closed interval, which together give the
-inclusive rule of SPEC §4.5 (``s <= 1 + eps_hi``, ``|lambda| <= 10``, and ``s <= clip_delta``).
+inclusive rule of docs/objective.md, 'The SLIM loss' (``s <= 1 + eps_hi``, ``|lambda| <= 10``, and ``s <= clip_delta``).
 
-Options beyond SPEC §4.5, each matching a public GRPO trainer:
+Options beyond docs/objective.md, 'The SLIM loss', each matching a public GRPO trainer:
 - ``clip_delta`` (δ): the unclipped term uses min(s, δ), J = min(min(s, δ)·A, clamp(s, 1−ε_lo, 1+ε_hi)·A)
   — TRL's and Liger-Kernel's GRPO ``delta`` ("two-sided clipping", INTELLECT-2). For δ ≥ 1+ε_hi it equals
   verl's dual-clip PPO with ``clip_ratio_c = δ`` (for A < 0: max(min(sA, ŝA), δA)).
@@ -71,8 +71,8 @@ def aggregate(mode: str, s_row: torch.Tensor, n_row: torch.Tensor, w: torch.Tens
 
 
 def default_aggs(level: str, loss_agg: str | None) -> tuple[str, str]:
-    """(policy aggregation, KL aggregation). ``None`` is SPEC §4.5: the sequence ratio is one term per
-    row (seq-mean-token-mean of a constant), the block/token terms and the KL are normalised by L1."""
+    """(policy aggregation, KL aggregation). ``None`` is docs/objective.md, 'The SLIM loss': the sequence ratio is one
+    term per row (seq-mean-token-mean of a constant), the block/token terms and the KL are normalised by L1."""
     if loss_agg is not None:
         return loss_agg, loss_agg
     pol = "seq-mean-token-mean" if level == "sequence" else "seq-mean-token-sum-norm"
@@ -112,7 +112,7 @@ def slim_policy_loss_ref(logp: torch.Tensor, logp_old: torch.Tensor, loss_mask: 
         mean_row = torch.where(unit, obj, torch.zeros_like(obj)).sum(1)  # the per-token value of the row
         s_row = n * mean_row
     elif level == "block":
-        K = int(block_size) if block_size is not None else 16  # SPEC §1 default block length
+        K = int(block_size) if block_size is not None else 16  # default block length K
         nb = -(-L // K)
         pad = nb * K - L
         d = torch.nn.functional.pad(delta, (0, pad)).reshape(B, nb, K)

@@ -282,7 +282,8 @@ def policy_loss_grad_triton(grad_loss, logp, logp_old, kl_reference, loss_mask, 
 
 def _aot_specs() -> list[AotSpec]:
     specs = []
-    # (level, kl, tiles, options): the SPEC defaults, then clip_delta + kl_reference with each aggregation
+    # (level, kl, tiles, options): the defaults (no clip_delta, loss_agg=None), then clip_delta + kl_reference with
+    # each aggregation
     for level, kl, (K, BNB, BK), opt in (("sequence", "k3", (256, 1, 256), None),
                                          ("sequence", "k2", (256, 1, 256), None),
                                          ("sequence", "k1", (1024, 1, 1024), None),

@@ -1,1 +1,1 @@
-"""Fused τ-budget decode step (SPEC.md §2)."""
+"""Fused τ-budget decode step (docs/decode.md)."""

@@ -44,7 +44,7 @@ def _selection_params(fn: str, tau32, bud, floor, strategy_id: int, R: int):
 def tau_budget_step_cpu(logits: torch.Tensor, block: torch.Tensor, mask_id: int, tau32: torch.Tensor,
                         bud: torch.Tensor, floor: torch.Tensor, seed: torch.Tensor, temperature: float,
                         strategy_id: int, *, num_threads: int | None = None, isa: str = "auto"):
-    """One decode step on the CPU (SPEC.md §2 without top-k/top-p; the definition is ``reference.py``).
+    """One decode step on the CPU (docs/decode.md without top-k/top-p; the definition is ``reference.py``).
 
     Args:
         logits: [R, K, V] bf16/fp16/fp32 CPU tensor with ``stride(-1) == 1`` (other strides arbitrary).
@@ -104,7 +104,8 @@ def tau_budget_step_cpu(logits: torch.Tensor, block: torch.Tensor, mask_id: int,
 
 def tau_budget_select_cpu(confidence: torch.Tensor, masked: torch.Tensor, tau32: torch.Tensor, bud: torch.Tensor,
                           floor: torch.Tensor, strategy_id: int):
-    """Selection of SPEC.md §2.3/§2.4 on given confidences (``reference.select_row_ref`` per row) on the CPU.
+    """Selection of docs/decode.md, 'The τ-budget rule' and 'Other selection rules' on given confidences
+    (``reference.select_row_ref`` per row) on the CPU.
 
     Args: confidence [R, K] fp32 CPU, masked [R, K] bool (NaN confidences are excluded too); tau32, bud, floor,
     strategy_id as in :func:`tau_budget_step_cpu`.

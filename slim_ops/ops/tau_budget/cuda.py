@@ -85,7 +85,7 @@ def tau_budget_step_cuda(
     *,
     splits: int | None = None,
 ):
-    """One decode step on the GPU (SPEC.md §2 without top-k/top-p; the definition is ``reference.py``).
+    """One decode step on the GPU (docs/decode.md without top-k/top-p; the definition is ``reference.py``).
 
     Args:
         logits: [R, K, V] bf16/fp16/fp32 CUDA tensor with ``stride(-1) == 1`` (other strides arbitrary).
@@ -174,7 +174,8 @@ def tau_budget_select_cuda(
     floor: torch.Tensor,
     strategy_id: int,
 ):
-    """Selection of SPEC.md §2.3/§2.4 on given confidences (``reference.select_row_ref`` per row).
+    """Selection of docs/decode.md, 'The τ-budget rule' and 'Other selection rules' on given confidences
+    (``reference.select_row_ref`` per row).
 
     Args:
         confidence: [R, K] fp32 CUDA.  masked: [R, K] bool (slots still μ; NaN confidences are excluded too).

@@ -1,4 +1,4 @@
-"""Public decode-step API: ``tau_budget_step`` and ``tau_budget_select`` (SPEC.md §2, §8).
+"""Public decode-step API: ``tau_budget_step`` and ``tau_budget_select`` (docs/decode.md).
 
 Both are registered as ``slim_ops::tau_budget_step`` / ``slim_ops::tau_budget_select`` custom ops (opaque to
 torch.compile, with fake kernels) and dispatch through :func:`slim_ops._backend.pick`.
@@ -177,10 +177,10 @@ def _split_step(logits, block, mask_id, tau32, bud, floor, seed, temperature, st
                 sparam, defer_ids):
     """Slot pass, then the shared vectorised selection (``torch_impl.select_torch``, on the device, no host sync).
 
-    factor, random and the SPEC rules with ``defer_ids`` need only (tokens, confidence) from the slot pass: every
-    backend's own fused step, run with strategy topk and floor 0 (it commits nothing), gives them, so the result
-    is exact for every backend. entropy_bounded also needs the per-slot entropy: the triton kernel computes it in
-    the same pass over V (ENTROPY); for the cuda / cpp backends (and top-k / top-p sampling) its slot pass runs
+    factor, random and the tau_budget/threshold/topk rules with ``defer_ids`` need only (tokens, confidence) from the
+    slot pass: every backend's own fused step, run with strategy topk and floor 0 (it commits nothing), gives them, so
+    the result is exact for every backend. entropy_bounded also needs the per-slot entropy: the triton kernel computes
+    it in the same pass over V (ENTROPY); for the cuda / cpp backends (and top-k / top-p sampling) its slot pass runs
     in the torch backend (chunked, same function) until their kernels fuse it."""
     if strategy_id == 3 and backend == "triton" and not (temperature > 0 and (top_k > 0 or top_p < 1.0)):
         from .triton import tau_budget_step_entropy_triton
@@ -251,7 +251,7 @@ def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float |
                     top_p: float = 1.0, generator: torch.Generator | None = None, strategy: str = "tau_budget",
                     backend: str | None = None, gamma: float | Tensor = 0.1, factor: float | Tensor = 1.0,
                     defer_ids=None) -> StepOutput:
-    """One denoising step of one block for R sequences (SPEC.md §2).
+    """One denoising step of one block for R sequences (docs/decode.md).
 
     Args:
         logits: [R, K, V] bf16/fp16/fp32 logits of the K block slots (already un-shifted: row j scores slot j).
@@ -344,7 +344,8 @@ def tau_budget_select(confidence: Tensor, masked: Tensor, *, tau: float | Tensor
                       backend: str | None = None, gamma: float | Tensor = 0.1, factor: float | Tensor = 1.0,
                       entropy: Tensor | None = None,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Commit selection alone (SPEC §2.3/§2.4 and the peer rules) on given confidences.
+    """Commit selection alone (docs/decode.md, 'The τ-budget rule' and 'Other selection rules' and the peer rules) on
+    given confidences.
 
     Args: confidence [R, K] float (computed in fp32; NaN = not eligible), masked [R, K] bool (the set M); tau, m,
     floor, strategy, gamma, factor as in :func:`tau_budget_step`; entropy [R, K] float (fp32; NaN = not eligible),

@@ -1,4 +1,4 @@
-"""Plain PyTorch reference of the decode step (SPEC.md §2): per row, per slot, readable, fp32.
+"""Plain PyTorch reference of the decode step (docs/decode.md): per row, per slot, readable, fp32.
 
 This file *defines* the op; every backend is tested against it.
 
@@ -63,7 +63,8 @@ def random_rank(seed: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 def static_floor(block_size: int, steps: int, step: int) -> int:
-    """f_j = ⌊K/S⌋ + [j < K mod S]: the least number of commits at step j of a block (SPEC §2.1)."""
+    """f_j = ⌊K/S⌋ + [j < K mod S]: the least number of commits at step j of a block (docs/decode.md, 'The τ-budget
+    rule')."""
     return block_size // steps + (1 if step < block_size % steps else 0)
 
 
@@ -76,12 +77,14 @@ def budget(tau: float, m: float, floor: int) -> float:
 def select_row_ref(c: torch.Tensor, masked: torch.Tensor, tau: float, m: float, floor: int,
                    strategy: str = "tau_budget", *, entropy: torch.Tensor | None = None, gamma: float = 0.0,
                    factor: float = 1.0, rank: torch.Tensor | None = None) -> tuple[torch.Tensor, int, float]:
-    """One row of SPEC §2.3/§2.4 and the peer rules below. c [K] fp32, masked [K] bool -> (commit [K] bool, k, risk).
+    """One row of docs/decode.md, 'The τ-budget rule' and 'Other selection rules' and the peer rules below. c [K] fp32,
+    masked [K] bool -> (commit [K] bool, k, risk).
 
     Eligible slots E: masked, c not NaN (and, for entropy_bounded, entropy not NaN). Every rule picks k slots and
     commits the first k of an order over E; k is always clamped to |E|, and the floor f is a lower bound on k.
 
-    * tau_budget / threshold / topk: SPEC §2.3/§2.4; order = c descending, lower index first.
+    * tau_budget / threshold / topk: docs/decode.md, 'The τ-budget rule' and 'Other selection rules'; order = c
+      descending, lower index first.
     * entropy_bounded (EB-sampler): order = entropy ascending, lower index first. With S_n the fp32 inclusive prefix
       sum of the ordered entropies, d_n = fp32(S_n − H_(n)) (H_(n) is the largest of the first n),
       k_γ = #{n : d_n <= fp32(γ)} (counted over all n, as the peer counts its cumsum − cummax condition; d_1 = 0,
@@ -153,7 +156,8 @@ def select_row_ref(c: torch.Tensor, masked: torch.Tensor, tau: float, m: float, 
 
 
 def slot_ref(z: torch.Tensor, temperature: float, noise: torch.Tensor | None) -> tuple[int | None, float]:
-    """One slot of SPEC §2.2 without top-k/top-p. z [V] any float -> (x0 or None if invalid, c)."""
+    """One slot of docs/decode.md, 'Candidate token and confidence' without top-k/top-p. z [V] any float -> (x0 or None
+    if invalid, c)."""
     z = z.to(torch.float32)
     if torch.isnan(z).any() or torch.isposinf(z).any() or torch.isneginf(z).all():
         return None, float("nan")
@@ -182,7 +186,7 @@ def tau_budget_step_ref(logits: torch.Tensor, block: torch.Tensor, mask_id: int,
                         temperature: float = 0.0, seed: torch.Tensor | None = None,
                         strategy: str = "tau_budget", gamma=0.0, factor=1.0, defer_ids=None,
                         return_entropy: bool = False):
-    """Per-row loop over SPEC §2 (no top-k/top-p). Returns the same fields as slim_ops.StepOutput (+ the entropy
+    """Per-row loop over docs/decode.md (no top-k/top-p). Returns the same fields as slim_ops.StepOutput (+ the entropy
     [R, K] fp32 when ``return_entropy``; NaN for invalid slots).
 
     ``defer_ids``: slots whose token x0 is one of these ids get confidence 0 (and entropy +inf) before the selection
@@ -223,7 +227,7 @@ def tau_budget_step_ref(logits: torch.Tensor, block: torch.Tensor, mask_id: int,
 
 def per_row_loop(logits: torch.Tensor, block: torch.Tensor, mask_id: int, tau: float = 0.9, m: float = 1.0,
                  floor: int = 1) -> torch.Tensor:
-    """Baseline shaped like the upstream engines (SPEC §7), for benchmarks: one row at a time, fp64
+    """Baseline shaped like the upstream engines (docs/benchmarks.md), for benchmarks: one row at a time, fp64
     probabilities over the whole vocabulary, sort + cumsum, `.item()` host syncs. Greedy, tau_budget only."""
     out = block.clone()
     for r in range(logits.shape[0]):

@@ -12,7 +12,8 @@ _CHUNK_ELEMS = 1 << 21  # temporaries per chunk of slots (8-16 MB)
 
 def slot_pass_torch(logits: torch.Tensor, mask_id: int, seed: torch.Tensor, temperature: float,
                     top_k: int = 0, top_p: float = 1.0, return_entropy: bool = False):
-    """logits [R,K,V] -> (tokens [R,K] int64, confidence [R,K] fp32) per SPEC §2.2 (+ invalid-slot rule).
+    """logits [R,K,V] -> (tokens [R,K] int64, confidence [R,K] fp32) per docs/decode.md, 'Candidate token and
+    confidence' (+ invalid-slot rule).
 
     With ``return_entropy`` also the entropy [R,K] fp32 of the distribution x0 is taken from (reference.py:
     H = log S − Σ e·d / S, d = z' − max z', e = exp(d), S = Σ e), NaN for invalid slots. It is computed per chunk of
@@ -126,13 +127,15 @@ def select_torch(conf: torch.Tensor, masked: torch.Tensor, tau32: torch.Tensor, 
                  floor: torch.Tensor, strategy_id: int, sparam: torch.Tensor | None = None,
                  entropy: torch.Tensor | None = None, rank: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC §2.3/2.4 and the peer rules of ``reference.select_row_ref`` for all rows at once.
+    """docs/decode.md, 'The τ-budget rule' and 'Other selection rules' and the peer rules of
+    ``reference.select_row_ref`` for all rows at once.
 
     conf [R,K] fp32, masked [R,K] bool, tau32/bud [R] fp32, floor [R] int; for strategy ids 3/4/5
     (entropy_bounded / factor / random): sparam [R] fp64 (γ or the factor), entropy [R,K] fp32 (entropy_bounded),
     rank [R,K] int64 (random). The sums (U_r, S_n, risk) are accumulated sequentially in fp32 in sorted order (a
-    loop over the K <= 64 sorted positions, vectorised over rows), which is what makes SPEC example 4 come out
-    exactly. Every strategy runs here for every backend (torch ops on the tensors' device, no host sync)."""
+    loop over the K <= 64 sorted positions, vectorised over rows), which is what makes worked example 4 of
+    docs/decode.md come out exactly. Every strategy runs here for every backend (torch ops on the tensors' device, no
+    host sync)."""
     R, K = conf.shape
     dev = conf.device
     eligible = masked & ~torch.isnan(conf)

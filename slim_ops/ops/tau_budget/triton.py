@@ -1,5 +1,5 @@
 """Triton backend of the decode step: one online pass over V per slot, then one program per row that
-ranks the K <= 64 slots in registers and runs the exact fp32 budget scan (SPEC §2.6).
+ranks the K <= 64 slots in registers and runs the exact fp32 budget scan (docs/decode.md, 'The τ-budget rule').
 
 With ``ENTROPY`` (strategy entropy_bounded) the same pass also yields the entropy of the slot's distribution
 (reference.py: H = log S − Σ e·d / S, d = z' − max z'): each lane keeps W = Σ e^{z'−m}·(z'−m) relative to its
