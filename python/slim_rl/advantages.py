@@ -1,9 +1,10 @@
-"""Group advantages (SPEC §4.1): ``dr_grpo`` (A = r − mean_g r) or ``zscore``, and the group filter.
+"""Group advantages (docs/objective.md, 'What one RL step trains on'): ``dr_grpo`` (A = r − mean_g r) or ``zscore``, and
+the group filter.
 
 Rollouts are grouped by prompt: ``group_ids[i]`` names the prompt of response i (any integers; the
 groups need not be contiguous or equally sized). Advantages are returned per response, aligned with
 the responses — dropping a group only clears its ``keep`` flags and never shifts anyone else's
-advantage (**Decision** of SPEC §4.1).
+advantage (a documented decision, see docs/objective.md, 'What one RL step trains on').
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ class RolloutConfig:
     block_size: int = key(2, "K: tokens per block", ge=1, le=64)
     steps_per_block: int = key(0, "S: decode steps per block (0 = K)", ge=0)
     max_new_tokens: int = key(6, "response length budget", ge=1)
-    strategy: str = key("tau_budget", "decode commit rule: the SPEC rules, the EB-sampler (entropy_bounded, "
+    strategy: str = key("tau_budget", "decode commit rule: the documented rules, the EB-sampler (entropy_bounded, "
                         "gamma), Fast-dLLM's factor rule (factor) or LLaDA's random remasking",
                         choices=("tau_budget", "threshold", "topk", "entropy_bounded", "factor", "random"))
     tau: float = key(0.9, "confidence threshold of the tau-budget rule", gt=0.0, lt=1.0)

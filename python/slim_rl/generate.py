@@ -1,13 +1,13 @@
-"""Block-diffusion generation engine for SDAR-, LLaDA- and Dream-style models (SPEC §2, §3).
+"""Block-diffusion generation engine for SDAR-, LLaDA- and Dream-style models (docs/decode.md, docs/attention.md).
 
 One batched driver for the three families (see :mod:`slim_rl.models` for the ``family`` / ``shift``
 attributes it reads):
 
 * **SDAR** (``model.block_causal``): the left-padded prompts are prefilled once with the staircase
-  layout (prompt blocks right-aligned to the prompt end, SPEC §3.3); each response block is denoised
-  against the KV cache of everything before it (decode layout, SPEC §3.2: the block attends to the
-  whole cache and bidirectionally to itself). The K/V appended by a denoising forward are cropped off
-  again; when the block is complete one "save" forward appends its final K/V. With
+  layout (prompt blocks right-aligned to the prompt end, docs/attention.md, 'The training layout'); each response block
+  is denoised against the KV cache of everything before it (decode layout, docs/attention.md, 'The four layouts':
+  the block attends to the whole cache and bidirectionally to itself). The K/V appended by a denoising forward are
+  cropped off again; when the block is complete one "save" forward appends its final K/V. With
   ``use_cache=False`` every step recomputes the whole prefix with the staircase layout instead (same
   function, used to check the cache). The rows of a batch decode a block in lockstep (the cache
   columns stay aligned): a block takes as many forwards as its slowest row needs.
@@ -26,12 +26,12 @@ attributes it reads):
   on the block), hence approximate. The window starts ``shift`` positions early (Dream reads row
   ``j − 1`` for slot ``j``). Finished rows leave the batch once per block.
 
-Response blocks start at the prompt end (SPEC §3.5): block ``b`` holds response tokens
+Response blocks start at the prompt end (docs/attention.md, 'The training layout'): block ``b`` holds response tokens
 ``[b·K, (b+1)·K)``; ``⌈max_new_tokens/K⌉`` blocks are decoded and the output is cut at
 ``max_new_tokens`` and after the first EOS. Each step turns the block's logits into tokens and
 confidences and commits a subset with :func:`slim_ops.tau_budget_step` (τ-budget, threshold or top-k
-rule) using the static floor ``f_j = ⌊K/S⌋ + [j < K mod S]`` of SPEC §2.1 (so a block is always
-complete after ``S = steps_per_block`` steps).
+rule) using the static floor ``f_j = ⌊K/S⌋ + [j < K mod S]`` of docs/decode.md, 'The τ-budget rule' (so a block is
+always complete after ``S = steps_per_block`` steps).
 
 Batching: prompts of different lengths are left-padded (pad keys hidden, RoPE positions count only
 real tokens, so a batched row computes exactly what it computes alone). Everything inside a block
@@ -153,7 +153,7 @@ class GenerateOutput:
         return self.tokens_per_forward
 
     def metrics(self) -> dict[str, float | int | list[int]]:
-        """The rollout metrics as plain Python values (SPEC §4.7)."""
+        """The rollout metrics as plain Python values (docs/trainer.md, 'Run folders')."""
         return {
             "tokens_per_forward": self.tokens_per_forward,
             "nfe_per_token": self.nfe_per_token,
@@ -562,7 +562,7 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
             logits = _logits(model, ltk, slots - shift, input_ids=canvas, position_ids=pos, use_cache=False, **attn)
         counters["model_calls"] += 1
         counters["forward_tokens"] += canvas.numel() * (2 if cfg_scale > 0 else 1)
-        floor = K // S + (jstep < mod).to(torch.int64)  # static floor f_j per row (SPEC §2.1)
+        floor = K // S + (jstep < mod).to(torch.int64)  # static floor f_j per row (docs/decode.md, 'The τ-budget rule')
         out = _step(logits, block, info, floor, kw)
         canvas.scatter_(1, slots, out.block)
         rec.tokens[rows[:, None], cols] = out.block
@@ -682,7 +682,7 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
             unpadded [B, L] int tensor. Must not contain ``mask_id``.
         block_size: K (1..64). max_new_tokens: response length cap (⌈max_new_tokens/K⌉ blocks decoded).
         steps_per_block: S (default K); step j of a block uses the floor f_j = ⌊K/S⌋ + [j < K mod S].
-        strategy: "tau_budget" (SPEC §2.3), "threshold" or "topk" (§2.4), or the peers' "entropy_bounded"
+        strategy: "tau_budget", "threshold" or "topk" (docs/decode.md), or the peers' "entropy_bounded"
             (EB-sampler, parameter ``gamma``), "factor" (Fast-dLLM, parameter ``factor``) and "random" (LLaDA's
             random remasking; seeded by ``generator``); see :func:`slim_ops.tau_budget_step`. tau, m: the
             rule's τ, m. Every rule commits at least the static floor f_j, clamped to the masked slots.

@@ -1,4 +1,5 @@
-"""Verifiable rewards r ∈ {0, 1} (SPEC §4.1): exact match, math answer equivalence, code tests.
+"""Verifiable rewards r ∈ {0, 1} (docs/objective.md, 'What one RL step trains on'): exact match, math answer
+equivalence, code tests.
 
 Every reward function takes a batch (lists) and returns a list of floats; none of them raises for
 anything a model generated — a response that cannot be checked scores 0 and training carries on.

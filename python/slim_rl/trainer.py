@@ -1,14 +1,15 @@
-"""The SLIM-RL training loop (SPEC §6) for block-diffusion models.
+"""The SLIM-RL training loop (docs/objective.md and docs/trainer.md) for block-diffusion models.
 
 One RL step:
 
 1. **Rollout** — ``Q`` prompts × ``G`` samples decoded by :func:`slim_rl.generate` with the τ-budget
    rule (split across ranks, then gathered so every rank holds the whole batch in a canonical order).
 2. **Reward and advantage** — the task's verifiable reward (0 for responses without EOS / truncated),
-   ``dr_grpo`` or ``zscore`` advantages per prompt group, groups filtered by accuracy (§4.1).
+   ``dr_grpo`` or ``zscore`` advantages per prompt group, groups filtered by accuracy (docs/objective.md).
 3. **Rows** — ``slim``: :func:`slim_ops.build_slim_rows` (n_q quadrature levels, per-block mask
-   schedule, §4.2); ``tracerl``: :func:`slim_ops.build_trace_rows` (trajectory slicing, §5);
-   ``random``: :func:`slim_ops.build_random_rows` (TraceRL's random-masking / coupled baselines).
+   schedule, docs/objective.md, 'SLIM rows'); ``tracerl``: :func:`slim_ops.build_trace_rows` (trajectory slicing,
+   docs/objective.md, 'TraceRL rows'); ``random``: :func:`slim_ops.build_random_rows` (TraceRL's random-masking /
+   coupled baselines).
 4. **logp_old** — log-probs of every row's loss positions under θ at the start of the step (no grad).
 5. **Update** — E epochs over shuffled minibatches with gradient accumulation over micro-batches:
    the :class:`Scorer` (decoder → hidden states of the loss positions → :func:`slim_ops.masked_logprob`
@@ -20,8 +21,8 @@ One RL step:
 6. **Checkpoint** (sharded, atomic, :mod:`slim_rl.checkpoint`) and 7. periodic greedy **evaluation**.
 
 Training sequences are ``[prompt ‖ clean response ‖ noisy response]`` with the block-diffusion mask of
-SPEC §3.3 (:meth:`slim_ops.BlockLayout.train`), response blocks aligned to the prompt end, exactly the
-blocks the rollout decoded. Every random choice of step ``s`` (prompts, sampling, rows, shuffling)
+docs/attention.md, 'The training layout' (:meth:`slim_ops.BlockLayout.train`), response blocks aligned to the prompt
+end, exactly the blocks the rollout decoded. Every random choice of step ``s`` (prompts, sampling, rows, shuffling)
 comes from generators seeded by ``(seed, s)``, so a resumed run repeats an uninterrupted one.
 """
 
@@ -95,13 +96,13 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module:
 
 def noisy_stream_hidden(model: torch.nn.Module, prompt: torch.Tensor, prompt_pad: torch.Tensor,
                         clean: torch.Tensor, noisy: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Final hidden states scoring the noisy stream of ``[P ‖ C ‖ X]`` (SPEC §3.3).
+    """Final hidden states scoring the noisy stream of ``[P ‖ C ‖ X]`` (docs/attention.md, 'The training layout').
 
     Args:
         prompt: [R, L0] left-padded prompt ids; prompt_pad: [R, L0] bool (True at pads).
         clean: [R, L1] clean response ids; noisy: [R, L1] the same with the noise set = mask id, or
-            [R, n, L1]: n noisy streams sharing one clean stream (SPEC §3.4, ``BlockLayout.packed``; the
-            P∪C activations are computed once for the n rows — same values, fewer tokens).
+            [R, n, L1]: n noisy streams sharing one clean stream (docs/attention.md, 'Shared clean stream',
+            ``BlockLayout.packed``; the P∪C activations are computed once for the n rows — same values, fewer tokens).
         block_size: K (response blocks start at the prompt end).
     Returns:
         [R, L1, d] (or [R, n, L1, d]): row i scores noisy position i (the logit ``shift`` applied).
@@ -493,7 +494,7 @@ class Trainer:
                 "noisy": r.noisy_ids, "loss_mask": r.loss_mask, "weights": r.weights.float(),
                 "advantages": adv.advantages[kept][ridx], "L1": L1, "group": Q if shared else 1, **info,
                 "mean_abs_adv": float(adv.advantages[kept].abs().mean()),
-                "mask_ratio": float(r.loss_mask.float().sum(1).div(L1).mean())}  # |M| / L1 (SPEC §4.7)
+                "mask_ratio": float(r.loss_mask.float().sum(1).div(L1).mean())}  # |M| / L1, see docs/trainer.md
 
     # ------------------------------------------------------------------ frozen reference (kl_reference=ref)
     def reference(self) -> Scorer:
