@@ -1,4 +1,4 @@
-"""Block-diffusion attention benchmark (SPEC §3.3 training layout).
+"""Block-diffusion attention benchmark (the training layout of docs/attention.md).
 
 CPU (label CPU): the reference path vs what the reference trainer does —
   mask_loops     build the dense [B, 1, N, N] mask with Python loops over blocks + pad fix-up, then the

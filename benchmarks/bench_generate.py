@@ -2,7 +2,7 @@
 
 Both drivers run the same model, the same decode step op and the same selection rule; the loop driver
 decodes one prompt at a time and asks the host after every step whether the block is complete (the
-shape of the reference engines, SPEC §7). A correctness gate runs first: greedy outputs of both drivers
+shape of the reference engines, docs/benchmarks.md). A correctness gate runs first: greedy outputs of both drivers
 must agree token for token and contain no mask token.
 
     tokens/s     = Σ committed response tokens (all rows) / wall seconds of one full generate call

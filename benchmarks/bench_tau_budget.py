@@ -8,7 +8,7 @@ round, so that load from other processes hits every candidate alike); medians of
                   logsumexp, stable sort, cumsum, scatter; no Python loop, no host sync
   compiled        torch.compile of `vectorised` (inductor, dynamic=False), the strongest peer on the CPU
   per_row_loop    what the reference engines do per sequence: fp64 softmax over V, sort + cumsum of the
-                  above-τ confidences, `.item()` host syncs, a Python loop over rows (SPEC §7)
+                  above-τ confidences, `.item()` host syncs, a Python loop over rows (docs/benchmarks.md)
   triton, cuda    the fused kernels (GPU only)
 Floor: one read of the same logits tensor: `logits.sum()` and `logits.amax(-1)` (a max reduction per slot),
 both multi-threaded torch reductions; the faster of the two is the floor.

@@ -377,8 +377,8 @@ def tau_inputs(R, K, V, dtype, dev, seed):
 
 
 def tau_expected(logits, seed, T, mask_id):
-    """Vectorised SPEC §2.2 per slot, fp32 on upcast logits (reference.gumbel_noise for T > 0):
-    (tokens, confidence, gap between the best two scores)."""
+    """Vectorised docs/decode.md, 'Candidate token and confidence' per slot, fp32 on upcast logits
+    (reference.gumbel_noise for T > 0): (tokens, confidence, gap between the best two scores)."""
     R, K, V = logits.shape
     per = max(1, (1 << 25) // max(1, K * V))
     toks, confs, gaps = [], [], []

@@ -1,4 +1,4 @@
-"""BlockLayout (SPEC §3): dense masks equal the reference trainer's construction element for element,
+"""BlockLayout (docs/attention.md): dense masks equal the reference trainer's construction element for element,
 position ids, block ids, the flex mask_mod, per-row intervals and input validation."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def trainer_mask(L0: int, L1: int, K: int, pad: torch.Tensor | None, num_noisy: 
 
 
 def spec_predicate_mask(L0: int, L1: int, K: int, pad: torch.Tensor | None) -> torch.Tensor:
-    """SPEC §3.3 written out pair by pair with block ids. bool [B, N, N]."""
+    """docs/attention.md, 'The training layout' written out pair by pair with block ids. bool [B, N, N]."""
     N = L0 + 2 * L1
     B = 1 if pad is None else pad.shape[0]
 
@@ -75,7 +75,7 @@ def left_pad(B: int, L0: int, gen: torch.Generator) -> torch.Tensor:
     return torch.arange(L0)[None, :] < n_pad[:, None]
 
 
-# ---------------------------------------------------------------- the SPEC §3.3 example
+# ---------------------------------------------------------------- the training-layout example
 
 ASCII = """
           P0  p1  p2  c0  c1  c2  c3  c4  n0  n1  n2  n3  n4
@@ -293,7 +293,7 @@ def test_row_intervals_and_pair_count(lay):
 
 
 def test_allowed_pairs_spec_number():
-    # SPEC §3.3: L0=300, L1=256, K=16 → 270,608 allowed pairs of N² = 659,344
+    # docs/attention.md, 'The training layout': L0=300, L1=256, K=16 → 270,608 allowed pairs of N² = 659,344
     lay = BlockLayout.train(300, 256, 16)
     assert int(lay.allowed_pairs()[0]) == 270_608
     assert lay.seq_len ** 2 == 659_344

@@ -1,4 +1,5 @@
-"""slim_ops.objective: quadrature, block schedules, SLIM rows (SPEC §4.2) and TraceRL rows (SPEC §5)."""
+"""slim_ops.objective: quadrature, block schedules, SLIM rows (docs/objective.md, 'SLIM rows') and TraceRL rows
+(docs/objective.md, 'TraceRL rows')."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def test_block_mask_probs_validation():
 
 
 def test_slim_rows_mask_rates_match_schedule():
-    """Empirical per-block mask rate of every node over many rows equals p_j (SPEC §4.2)."""
+    """Empirical per-block mask rate of every node over many rows equals p_j (docs/objective.md, 'SLIM rows')."""
     K, L1, B, Q = 4, 16, 4000, 3
     ids = torch.randint(1, 100, (B, L1))
     lens = torch.full((B,), L1)
@@ -204,8 +205,8 @@ def test_trace_rows_spec_example():
 
 
 def _trace_rows_loop(ids, sm, valid, K, s, post=0):
-    """Straight per-block loop of SPEC §5 (independent of the vectorised builder), pads included: the
-    response ends after its last valid position; ``post`` positions after it get σ = max+1 and count as
+    """Straight per-block loop of docs/objective.md, 'TraceRL rows' (independent of the vectorised builder), pads
+    included: the response ends after its last valid position; ``post`` positions after it get σ = max+1 and count as
     valid; the slots after the (extended) response inside its last block are noised in every round."""
     out = []
     for b in range(ids.shape[0]):
@@ -269,7 +270,7 @@ def test_trace_rows_match_loop(K, s, post):
 
 
 def test_trace_rows_pad_slots_minimal_case():
-    # K=2, L1=2, one valid token with σ=2: X = [μ, μ], M = {0} (SPEC §5, Decision (pads))
+    # K=2, L1=2, one valid token with σ=2: X = [μ, μ], M = {0} (docs/objective.md, 'TraceRL rows': pads)
     MU, PAD = 9, 0
     ids = torch.tensor([[5, PAD]])
     for sm, lens in ((torch.tensor([[2, 0]]), torch.tensor([1])), (torch.tensor([[2, -1]]), None)):

@@ -54,7 +54,8 @@ def _op_seed(gen_seed: int) -> torch.Tensor:
 
 
 def _expected(logits, seed, T, mask_id):
-    """SPEC §2.2 per slot, vectorised, fp32 on upcast logits: (tokens, confidence, best − second best score)."""
+    """docs/decode.md, 'Candidate token and confidence' per slot, vectorised, fp32 on upcast logits: (tokens,
+    confidence, best − second best score)."""
     R, K, V = logits.shape
     per = max(1, (1 << 25) // (K * V))
     toks, confs, gaps = [], [], []

@@ -1,5 +1,5 @@
-"""masked_logprob / logprob_from_logits / slim_loss_from_hidden (SPEC §4.3): values, entropy and
-gradients (random upstream gradients) against fp64 autograd through full logits; low precision by the
+"""masked_logprob / logprob_from_logits / slim_loss_from_hidden (docs/objective.md, 'Log-probabilities'): values,
+entropy and gradients (random upstream gradients) against fp64 autograd through full logits; low precision by the
 three-way rule; odd V, N = 1, V not a multiple of any tile; Triton through the interpreter on the CPU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""slim_policy_loss (SPEC §4.4-4.6): the §4.6 test vector on every backend, an independent fp64
+"""slim_policy_loss (docs/objective.md, 'The SLIM loss'): the 'Test vector' on every backend, an independent fp64
 implementation for every level and KL estimator (clamp boundaries, both clip sides, empty rows),
 opcheck, torch.compile(fullgraph=True), gradients to logp only, input validation."""
 
@@ -98,7 +98,7 @@ def independent_loss(logp, logp_old, mask, adv, w, *, level="sequence", clip_low
         kl_sums.append(kl_row)
         counts.append(len(idx))
     wl = [float(x) for x in w]
-    if loss_agg is None:  # SPEC §4.5
+    if loss_agg is None:  # docs/objective.md, 'The SLIM loss'
         pol_mode = "seq-mean-token-mean" if level == "sequence" else "seq-mean-token-sum-norm"
         kl_mode = "seq-mean-token-sum-norm"
     else:
@@ -156,7 +156,7 @@ def _check_against_independent(backend, logp, old, mask, adv, w, upstream=1.0, *
 
 
 # --------------------------------------------------------------------------------------------------
-# SPEC §4.6 test vector
+# Test vector of docs/objective.md
 # --------------------------------------------------------------------------------------------------
 def _spec_vector():
     rows = {0: {2: 0.2}, 1: {0: 0.05, 3: -0.02, 5: 0.01, 6: 0.0},
@@ -192,7 +192,7 @@ def test_spec_test_vector(backend):
         assert abs(m["kl"].item() - float((w.double() * kl_rows).sum() / 3)) < 5e-9
         for (r, i), g in grads.items():
             got = lp.grad[r, i].item()
-            assert abs(got - g) <= 5e-4 * abs(g) + 1e-9, f"A={a} dL/dl[{r},{i}] = {got}, SPEC says {g}"
+            assert abs(got - g) <= 5e-4 * abs(g) + 1e-9, f"A={a} dL/dl[{r},{i}] = {got}, the test vector says {g}"
         # only M receives a gradient
         assert torch.all(lp.grad[~mask] == 0)
         assert m["masked_count"].item() == 12
@@ -453,7 +453,7 @@ def test_non_contiguous_inputs(backend):
 
 
 def test_defaults_block_size_and_numeric_masks():
-    # block level defaults to K = 16 (SPEC §1); 0/1 integer and float masks mean the same set as bool
+    # block level defaults to K = 16; 0/1 integer and float masks mean the same set as bool
     logp, old, mask, adv, w = _random_case(B=6, L=40, seed=13)
     ref, _ = slim_ops.slim_policy_loss(logp, old, mask, adv, w, level="block", block_size=16)
     for m in (mask, mask.int(), mask.float()):
@@ -462,7 +462,7 @@ def test_defaults_block_size_and_numeric_masks():
 
 
 # --------------------------------------------------------------------------------------------------
-# options beyond SPEC §4.5: clip_delta, loss_agg, kl_reference, TRL/Liger clip_frac
+# options beyond docs/objective.md, 'The SLIM loss': clip_delta, loss_agg, kl_reference, TRL/Liger clip_frac
 # --------------------------------------------------------------------------------------------------
 AGGS = [None, "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -530,7 +530,8 @@ def test_clip_frac_counts_active_clips_only(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("level", ["sequence", "block", "token"])
 def test_defaults_bitwise_stable(backend, level):
-    # a δ no ratio can reach and the aggregation that equals SPEC §4.5 give bit-identical loss and gradient;
+    # a δ no ratio can reach and the aggregation that equals the default (docs/objective.md, 'The SLIM loss') give
+    # bit-identical loss and gradient;
     # kl_reference = logp_old is the default KL
     logp, old, mask, adv, w = _random_case(B=7, L=20, seed=31, scale=0.8)
     kw = dict(level=level, block_size=4, response_len=22, backend=backend)

@@ -1,4 +1,4 @@
-"""Decode step (SPEC §2): worked examples, property tests against the per-row reference, every backend."""
+"""Decode step (docs/decode.md): worked examples, property tests against the per-row reference, every backend."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _select(c, masked=None, backend="torch", **kw):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# SPEC §2.5 worked examples, every backend
+# Worked examples of docs/decode.md, every backend
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,7 +148,7 @@ if st is not None:
             assert torch.equal(commit[r].cpu(), ec), (r, c[r], masked[r], tau[r], m[r], floor[r], strategy)
             assert int(num[r]) == ek
             assert float(risk[r]) == erisk  # same fp32 additions in the same order
-            # SPEC §2.3 properties
+            # docs/decode.md, 'The τ-budget rule' properties
             elig = mt[r] & ~torch.isnan(ct[r])
             assert not (commit[r].cpu() & ~elig).any()
             if strategy == "tau_budget":

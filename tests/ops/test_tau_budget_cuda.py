@@ -88,7 +88,8 @@ def check_selection(out, block, mask_id, taus, ms, fls, strategy):
 
 
 def greedy_expected(logits: torch.Tensor, mask_id: int):
-    """fp32 reference of SPEC §2.2 for T = 0, vectorised over slots: (tokens, confidence, invalid)."""
+    """fp32 reference of docs/decode.md, 'Candidate token and confidence' for T = 0, vectorised over slots: (tokens,
+    confidence, invalid)."""
     z = logits.float()
     invalid = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(z).all(-1)
     tok = torch.argmax(z, dim=-1)  # first index among equal maxima
@@ -405,7 +406,7 @@ def test_emu_sampling_distribution(emu):
     assert_close(out[3], probs[out[2]].float(), name="sampled confidence")
 
 
-SPEC_EXAMPLES = [  # (c, masked, tau, m, floor, {strategy: commit set})
+WORKED_EXAMPLES = [  # (c, masked, tau, m, floor, {strategy: commit set})
     (
         [0.97, 0.95, 0.40, 0.99, 0.92, 0.10, 0.96, 0.60],
         None,
@@ -452,7 +453,7 @@ SPEC_EXAMPLES = [  # (c, masked, tau, m, floor, {strategy: commit set})
 
 
 def _spec_cases():
-    for i, (c, masked, tau, m, f, sets) in enumerate(SPEC_EXAMPLES):
+    for i, (c, masked, tau, m, f, sets) in enumerate(WORKED_EXAMPLES):
         for strategy, expect in sets.items():
             yield pytest.param(c, masked, tau, m, f, strategy, expect, id=f"ex{i + 1}-{strategy}")
 

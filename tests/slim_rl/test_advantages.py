@@ -1,4 +1,4 @@
-"""Group advantages (SPEC §4.1)."""
+"""Group advantages (docs/objective.md, 'What one RL step trains on')."""
 
 from __future__ import annotations
 

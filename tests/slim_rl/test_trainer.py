@@ -209,7 +209,8 @@ def test_dense_mask_and_slim_attention_paths_agree():
 
 
 def test_shared_clean_stream_gives_the_same_update():
-    """SPEC §3.4: packing one clean stream with the n_q noisy streams changes no number."""
+    """docs/attention.md, 'Shared clean stream': packing one clean stream with the n_q noisy streams changes no
+    number."""
     torch.manual_seed(0)
     ov = ["optim.minibatches=1", "optim.epochs=1"]
     a = _trainer("slim", ov + ["objective.shared_clean=true"])
