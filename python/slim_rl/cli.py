@@ -1,7 +1,8 @@
 """`slim-rl` command line: demo, train, eval, export, compare, config (and the decode-step demo).
 
-Every command takes ``--config FILE`` (YAML, see ``configs/``) and trailing ``section.key=value``
-overrides, e.g. ``slim-rl train --config configs/demo.yaml optim.lr=3e-4 train.steps=60``.
+Every command takes ``--config FILE`` (YAML, see ``configs/``) and ``section.key=value``
+overrides anywhere after the command, applied in order, e.g.
+``slim-rl train --config configs/demo.yaml optim.lr=3e-4 --out runs/a train.steps=60``.
 Multi-process: ``torchrun --nproc_per_node=2 -m slim_rl train --config ...``.
 
 The whole configuration is validated before anything is built or written. User mistakes (a bad value,
@@ -139,11 +140,29 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"this command needs the 'rl' extra (missing module {e.name!r}): pip install 'slim_ops[rl]'", 2)
 
 
-def _main(argv: list[str] | None) -> None:
-    args = _build_parser().parse_args(argv)
-    if args.cmd == "compare":  # overrides written after --objectives land in its list: move them back
-        args.overrides = [o for o in args.objectives if "=" in o] + list(args.overrides)
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; a command's ``section.key=value`` overrides may sit before, between or after its
+    options (``slim-rl train a.b=1 --out X c.d=2``), in the order given."""
+    parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or argv[0] not in sub.choices:  # --help, no or an unknown command: argparse's own message
+        return parser.parse_args(argv)
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.cmd = argv[0]
+    if args.cmd == "compare":  # overrides written after --objectives land in its list: move them back, in order
+        pool = [o for o in args.objectives if "=" in o] + list(args.overrides)
         args.objectives = [o for o in args.objectives if "=" not in o]
+        args.overrides = []
+        for tok in argv[1:]:
+            if tok in pool:
+                pool.remove(tok)
+                args.overrides.append(tok)
+    return args
+
+
+def _main(argv: list[str] | None) -> None:
+    args = _parse(argv)
     if args.cmd == "demo-decode":
         from slim_rl.demo_decode import main as demo_main
 

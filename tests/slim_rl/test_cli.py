@@ -203,3 +203,21 @@ def test_diverging_run_stops_and_never_writes_a_non_finite_weight(tmp_path):
         for name, p in model.named_parameters():
             assert torch.isfinite(p).all(), (ck, name)
 
+
+
+def test_overrides_may_sit_between_options(tmp_path):
+    """``section.key=value`` overrides before, between and after options all apply, later ones win; an unknown
+    option is still a one-line error."""
+    from slim_rl.cli import _parse
+
+    out = str(tmp_path / "x")
+    r = _cli("config", "optim.lr=0.0003", "--out", out, "train.steps=7", "--config", "configs/demo.yaml",
+             "train.steps=9", timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["optim"]["lr"] == 0.0003 and cfg["train"]["steps"] == 9 and cfg["train"]["out_dir"] == out
+    args = _parse(["train", "a.b=1", "--out", "X", "c.d=2", "--quiet", "e.f=3"])
+    assert (args.cmd, args.out, args.quiet, args.overrides) == ("train", "X", True, ["a.b=1", "c.d=2", "e.f=3"])
+    args = _parse(["compare", "a=1", "--objectives", "slim", "b=2", "--out", "X", "c=3"])
+    assert args.objectives == ["slim"] and args.overrides == ["a=1", "b=2", "c=3"]
+    assert "unrecognized arguments: --bogus" in _one_line_error(_cli("train", "a.b=1", "--bogus", timeout=120))
