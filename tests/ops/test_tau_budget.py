@@ -27,8 +27,10 @@ from slim_ops.ops.tau_budget.reference import (
 from slim_ops.ops.tau_budget.triton import _gumbel
 from slim_ops.testing import assert_close
 
-BACKENDS = ["torch", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# triton runs through the interpreter on the CPU (tests/conftest.py); cpp (CPU tensors) where the C++ extension is built
+BACKENDS = (["torch", "triton"] + (["cuda"] if torch.cuda.is_available() else [])
+            + (["cpp"] if "cpp" in slim_ops.available_backends(DEV) else []))
 F32_09 = float(np.float32(0.9))
 
 
@@ -161,7 +163,7 @@ if st is not None:
                     assert ek >= 1
 
 
-    @pytest.mark.parametrize("backend", ["torch"])
+    @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("torch", "cpp")])
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(data=_rows())
     def test_select_matches_reference_torch(backend, data):
