@@ -62,7 +62,7 @@ class TaskConfig:
     digits: int = key(2, "addition: digits per operand", ge=1, le=4)
     demo_error: float = key(0.6, "addition: how often the SFT demonstrator forgets a carry; shift: how often "
                             "it shifts the wrong way on a large shift", ge=0.0, le=1.0)
-    length: int = key(24, "shift: digits per problem (the response is length + 1 tokens)", ge=4, le=64)
+    length: int = key(20, "shift: digits per problem (the response is length + 1 tokens)", ge=4, le=64)
     flaw_from: int = key(3, "shift: the demonstrator errs on shifts k >= flaw_from (k != 5; 10 = never)", ge=1,
                          le=10)
     num_eval: int = key(200, "held-out prompts (never trained on)", ge=1)

@@ -12,7 +12,7 @@ the situation reinforcement learning with a verifiable reward can fix, and a cle
 
 The block-size task family (:class:`ShiftTask`) has long answers in the same vocabulary: ``n`` digits
 and a shift ``k`` → the ``n`` digits each shifted by ``k`` (mod 10), written out digit by digit, then
-EOS (``n`` = 24: a 25-token response, two blocks at K = 16, four at K = 8). Its flawed demonstrator
+EOS (``n`` = 20: a 21-token response, two blocks at K = 16, three at K = 8). Its flawed demonstrator
 shifts the wrong way (−k instead of +k) on large shifts (k ≥ ``flaw_from``, except k = 5 where both
 directions agree) with probability ``demo_error``; a fitted model is right on small shifts and
 usually wrong on large ones, while a sample is right on them with probability ≈ 1 − ``demo_error`` only
@@ -147,7 +147,7 @@ class ShiftTask:
     plus, equals = 10, 11
     pad_id, eos_id, mask_id = 13, 14, 15
 
-    def __init__(self, length: int = 24, demo_error: float = 0.6, flaw_from: int = 3, num_eval: int = 200,
+    def __init__(self, length: int = 20, demo_error: float = 0.7, flaw_from: int = 3, num_eval: int = 200,
                  seed: int = 0):
         if isinstance(length, bool) or not isinstance(length, int) or not 4 <= length <= 64:
             raise ValueError(f"length must be an int in 4..64, got {length!r}")
