@@ -416,19 +416,29 @@ def test_gpu_triton_options_match_independent(level, loss_agg):
     # clip_delta, loss_agg and kl_reference in the compiled kernels, random upstream gradient
     logp, old, mask, adv, w = _random_case(B=6, L=256, seed=13, scale=0.5)
     ref = old + 0.25 * torch.randn(old.shape, generator=torch.Generator().manual_seed(14))
-    _check_against_independent_gpu(logp, old, mask, adv, w, level=level, block_size=16, loss_agg=loss_agg,
-                                   clip_delta=1.3 if loss_agg == "token-mean" else 3.0, kl_reference=ref)
+    _check_triton_against_reference(logp, old, mask, adv, w, level=level, block_size=16, loss_agg=loss_agg,
+                                    clip_delta=1.3 if loss_agg == "token-mean" else 3.0, kl_reference=ref)
 
 
-def _check_against_independent_gpu(logp, old, mask, adv, w, **kw):
-    dev = [t.cuda() for t in (logp, old, mask, adv, w)]
+def _check_triton_against_reference(logp, old, mask, adv, w, device="cuda", **kw):
+    """The triton kernels on ``device`` against reference.py on fp64-upcast inputs (loss, dL/dlogp under an
+    upstream gradient of -0.7, every metric), then against the independent fp64 loss of this file as well."""
+    dev = [t.to(device) for t in (logp, old, mask, adv, w)]
     lp = dev[0].clone().requires_grad_()
-    kwd = dict(kw, kl_reference=kw["kl_reference"].cuda())
+    kwd = dict(kw, kl_reference=kw["kl_reference"].to(device))
     loss, m = slim_ops.slim_policy_loss(lp, *dev[1:], backend="triton", **kwd)
     (-0.7 * loss).backward()
+    kw64 = dict(kw, kl_reference=kw["kl_reference"].double())
+    lr = logp.double().requires_grad_()
+    ref_loss, ref_m = slim_policy_loss_ref(lr, old.double(), mask, adv.double(), w.double(), **kw64)
+    (-0.7 * ref_loss).backward()
+    assert_close(loss, ref_loss, name="loss vs reference")
+    assert_close(lp.grad, lr.grad, name="dL/dlogp vs reference")
+    assert set(m) == set(ref_m)
+    for k, v in ref_m.items():
+        assert_close(m[k], v, name=f"{k} vs reference")
     lp64 = logp.double().requires_grad_()
-    exp_loss, exp_m = independent_loss(lp64, old.double(), mask, adv.double(), w.double(),
-                                       **dict(kw, kl_reference=kw["kl_reference"].double()))
+    exp_loss, exp_m = independent_loss(lp64, old.double(), mask, adv.double(), w.double(), **kw64)
     (-0.7 * exp_loss).backward()
     assert_close(loss, exp_loss, name="loss")
     assert_close(lp.grad, lp64.grad, name="dL/dlogp")
