@@ -18,6 +18,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    """Lay out, write (PNG, 120 dpi) and close one figure; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_run(history: Sequence[dict[str, Any]], out_dir: str, *, before: float | None = None,
              title: str = "") -> list[str]:
     """reward / held-out accuracy vs training samples, EWC / commits per decode step vs RL step, and KL /
@@ -41,11 +49,7 @@ def plot_run(history: Sequence[dict[str, Any]], out_dir: str, *, before: float |
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title or "SLIM-RL")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "reward_accuracy.png")
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(plt, fig, os.path.join(out_dir, "reward_accuracy.png")))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in rl]
@@ -57,11 +61,7 @@ def plot_run(history: Sequence[dict[str, Any]], out_dir: str, *, before: float |
     ax2.set_ylabel("commits")
     ax.grid(alpha=0.3)
     fig.legend(loc="upper right")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "ewc_commits.png")
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(plt, fig, os.path.join(out_dir, "ewc_commits.png")))
 
     upd = [r for r in rl if "kl" in r]
     if upd:  # the off-policy side of the update: KL to the step's start, clip fraction, mean ratio
@@ -77,11 +77,7 @@ def plot_run(history: Sequence[dict[str, Any]], out_dir: str, *, before: float |
         ax2.set_ylabel("clip fraction / |ratio - 1|")
         ax.grid(alpha=0.3)
         fig.legend(loc="upper right")
-        fig.tight_layout()
-        p = os.path.join(out_dir, "kl_clip.png")
-        fig.savefig(p, dpi=120)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(plt, fig, os.path.join(out_dir, "kl_clip.png")))
     return paths
 
 
@@ -97,7 +93,4 @@ def plot_compare(curves: dict[str, list[tuple[float, float]]], path: str, *, xla
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
