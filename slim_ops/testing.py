@@ -8,6 +8,10 @@ depends on the environment.
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
 
 # dtype of the *inputs* -> tolerance for outputs computed in fp32 from those inputs
@@ -77,3 +81,12 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
     else:
         out.fill_(-7777777 if out.dtype in (torch.int32, torch.int64) else 77)
     return out
+
+
+def find_nvcc() -> str | None:
+    """nvcc of $CUDA_HOME, $CUDA_PATH or /usr/local/cuda (first found), else on PATH; None without one (the
+    host-emulation tests of the CUDA kernels then skip)."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")

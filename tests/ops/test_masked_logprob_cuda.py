@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,22 +21,15 @@ import torch
 
 from slim_ops import _ext
 from slim_ops.ops.masked_logprob.reference import logprob_from_logits_ref
-from slim_ops.testing import assert_close, poison_like
+from slim_ops.testing import assert_close, find_nvcc, poison_like
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "csrc" / "logprob" / "logprob_host_check.cu"
 
 
-def _nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    nvcc = _nvcc()
+    nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the host build of csrc/logprob needs it")
     lib = tmp_path_factory.mktemp("logprob_host") / "logprob_host.so"

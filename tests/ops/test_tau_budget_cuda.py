@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 
 from slim_ops import _ext
 from slim_ops.ops.tau_budget import reference as ref
-from slim_ops.testing import assert_close
+from slim_ops.testing import assert_close, find_nvcc
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "csrc" / "tau_budget" / "tau_budget_host_check.cu"
@@ -141,16 +139,9 @@ def chi2_uniformity(counts: torch.Tensor, probs: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _nvcc() -> str | None:
-    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    nvcc = _nvcc()
+    nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the host emulation of csrc/tau_budget needs it")
     lib = tmp_path_factory.mktemp("tau_budget_emu") / "tau_budget_emu.so"
