@@ -129,8 +129,10 @@ def _sft_unit(cfg_dict: dict, seed: int, work: str) -> dict[str, Any]:
     return res
 
 
-def _rl_unit(cfg_dict: dict, seed: int, work: str, name: str, overrides: list[str]) -> dict[str, Any]:
-    """One RL run from the seed's SFT checkpoint; resumes its own last checkpoint; ``result.json``."""
+def _rl_unit(cfg_dict: dict, seed: int, work: str, name: str, overrides: list[str],
+             sft_seed: int | None = None) -> dict[str, Any]:
+    """One RL run from the SFT checkpoint of ``sft_seed`` (default: ``seed``); resumes its own last
+    checkpoint; ``result.json``."""
     import torch
 
     from slim_rl.checkpoint import load_checkpoint
@@ -143,9 +145,10 @@ def _rl_unit(cfg_dict: dict, seed: int, work: str, name: str, overrides: list[st
     done = os.path.join(d, "result.json")
     if (res := _read(done)) is not None:
         return res
-    sft = _read(os.path.join(work, f"seed{seed}", "sft.json"))
+    sft_seed = seed if sft_seed is None else sft_seed
+    sft = _read(os.path.join(work, f"seed{sft_seed}", "sft.json"))
     if sft is None:
-        raise RuntimeError(f"seed {seed}: the SFT stage has not finished")
+        raise RuntimeError(f"seed {sft_seed}: the SFT stage has not finished")
     c = apply_overrides(_seed_cfg(from_dict(Config, cfg_dict), seed, work), overrides + [f"train.out_dir={d}"])
     model = build_model(c, "cpu")
     load_checkpoint(sft["checkpoint"], model, None, restore_rng=False)
@@ -162,7 +165,7 @@ def _rl_unit(cfg_dict: dict, seed: int, work: str, name: str, overrides: list[st
                        "train_rows": tr.counters["train_rows"], "accuracy": tr.evaluate()["accuracy"]})
     steps = [{"step": r["step"], "train_rows": r["train_rows"], "rollouts": r["rollouts"],
               **{k: r[k] for k in _STEP_KEYS if k in r}} for r in hist]
-    res = {"name": name, "seed": seed, "overrides": overrides, "accuracy_before": before,
+    res = {"name": name, "seed": seed, "sft_seed": sft_seed, "overrides": overrides, "accuracy_before": before,
            "accuracy_after": points[-1]["accuracy"], "best_accuracy": max(p["accuracy"] for p in points[1:]),
            "points": points, "steps": steps, "train_rows": tr.counters["train_rows"],
            "rollouts": tr.counters["rollouts"],
@@ -202,9 +205,12 @@ def _settings(study: str) -> list[tuple[str, str, list[str]]]:
 
 
 def run_study(cfg: Config, *, seeds: list[int], out: str, study: str = "all", jobs: int = 2,
-              summarize_only: bool = False, command: str = "", log=None) -> dict[str, Any]:
+              summarize_only: bool = False, command: str = "", log=None,
+              sft_seed: int | None = None) -> dict[str, Any]:
     """Run (or resume) every unit of ``study`` for ``seeds`` with ``jobs`` processes, then summarize.
-    ``log``: one line per finished unit (default: print, flushed — the study usually runs under nohup)."""
+    ``log``: one line per finished unit (default: print, flushed — the study usually runs under nohup).
+    ``sft_seed``: every seed's RL starts from this seed's SFT model (one SFT run; the seeds then vary the
+    RL randomness only, as runs from one released checkpoint do); default: one SFT run per seed."""
     if log is None:
         def log(msg: str) -> None:
             print(msg, flush=True)
@@ -222,14 +228,15 @@ def run_study(cfg: Config, *, seeds: list[int], out: str, study: str = "all", jo
         ctx = multiprocessing.get_context("spawn")
         pool = _Inline() if jobs == 1 else cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx)
         with pool as ex:
-            futs = {ex.submit(_sft_unit, cfg_dict, s, work): s for s in seeds}
+            sft_seeds = seeds if sft_seed is None else [sft_seed]
+            futs = {ex.submit(_sft_unit, cfg_dict, s, work): s for s in sft_seeds}
             for f in cf.as_completed(futs):
                 r = f.result()
                 log(f"[{time.time() - t0:6.0f} s] SFT seed {futs[f]}: greedy held-out accuracy "
                     f"{r['accuracy_before']:.3f}")
             # seed-major within each setting, compare objectives first: partial results stay balanced
             units = [(name, ov, s) for name, _, ov in settings for s in seeds]
-            futs = {ex.submit(_rl_unit, cfg_dict, s, work, name, ov): (name, s) for name, ov, s in units}
+            futs = {ex.submit(_rl_unit, cfg_dict, s, work, name, ov, sft_seed): (name, s) for name, ov, s in units}
             failed = []
             for f in cf.as_completed(futs):
                 name, s = futs[f]
@@ -241,7 +248,7 @@ def run_study(cfg: Config, *, seeds: list[int], out: str, study: str = "all", jo
                     continue
                 log(f"[{time.time() - t0:6.0f} s] {name} seed {s}: {r['accuracy_before']:.3f} -> "
                     f"{r['accuracy_after']:.3f} ({r['train_rows']} rows, {r['train_seconds']:.0f} s)")
-    res = summarize(cfg, seeds=seeds, out=out, study=study, command=command)
+    res = summarize(cfg, seeds=seeds, out=out, study=study, command=command, sft_seed=sft_seed)
     res["wall_seconds_this_call"] = time.time() - t0
     return res
 
@@ -299,13 +306,16 @@ def _collect(work: str, seeds: list[int], names: list[str]) -> tuple[dict[str, l
     return got, missing
 
 
-def summarize(cfg: Config, *, seeds: list[int], out: str, study: str = "all", command: str = "") -> dict[str, Any]:
+def summarize(cfg: Config, *, seeds: list[int], out: str, study: str = "all", command: str = "",
+              sft_seed: int | None = None) -> dict[str, Any]:
     """Write ``<out>/paper_k16`` and/or ``<out>/ablations`` (summary.json, plots) from the finished units."""
     import torch
 
     work = cfg.train.out_dir
-    sfts = {s: _read(os.path.join(work, f"seed{s}", "sft.json")) for s in seeds}
+    sft_seeds = seeds if sft_seed is None else [sft_seed]
+    sfts = {s: _read(os.path.join(work, f"seed{s}", "sft.json")) for s in sft_seeds}
     common = {"command": command, "git_sha": _git_sha(), "seeds": seeds, "block_size": cfg.rollout.block_size,
+              "sft_seed": sft_seed, "sft": {str(s): v for s, v in sfts.items()},
               "task": {"name": cfg.task.name, "length": cfg.task.length, "flaw_from": cfg.task.flaw_from,
                        "demo_error": cfg.task.demo_error, "num_eval": cfg.task.num_eval},
               "budget": {"rl_steps": cfg.train.steps, "prompts_per_step": cfg.rollout.prompts_per_step,

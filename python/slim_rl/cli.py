@@ -117,6 +117,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", choices=("compare", "ablations", "all"), default="all")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, one torch thread each)")
     p.add_argument("--summarize-only", action="store_true", help="only write summaries from the finished runs")
+    p.add_argument("--sft-seed", type=int, default=None,
+                   help="one SFT run (this seed) as every seed's RL start (default: one SFT run per seed)")
     p = sub.add_parser("config", help="every config key with its default (or resolved value) and meaning")
     _common(p)
     sub.add_parser("demo-decode", help="the decode-step demo (one τ-budget step on random logits)")
@@ -215,7 +217,7 @@ def _main(argv: list[str] | None) -> None:
 
         cmd = "slim-rl " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         res = run_study(cfg, seeds=args.seeds, out=args.out or "benchmarks/results", study=args.study,
-                        jobs=args.jobs, summarize_only=args.summarize_only, command=cmd)
+                        jobs=args.jobs, summarize_only=args.summarize_only, command=cmd, sft_seed=args.sft_seed)
         for part, summ in res.items():
             if isinstance(summ, dict) and summ.get("missing"):
                 print(f"{part}: {len(summ['missing'])} runs missing: {' '.join(summ['missing'])}")
