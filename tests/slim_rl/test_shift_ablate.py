@@ -141,9 +141,10 @@ def test_summaries_from_finished_units(tmp_path):
         _fake(work, s, "tracerl", [0.3, 0.4, 0.5], 100)      # best 0.5 at 200 rows
         _fake(work, s, "slim", [0.3, 0.5, 0.6], 30 + s)      # reaches 0.5 at 30 + s rows
         _fake(work, s, "schedule_flat", [0.3, 0.35, 0.4], 30)
-    res = summarize(cfg, seeds=[0, 1, 2], out=str(tmp_path / "out"), command="slim-rl ablate ...")
+    res = summarize(cfg, seeds=[0, 1, 2], out=str(tmp_path / "out"), command="slim-rl ablate ...", sft_seed=0)
     comp = json.load(open(tmp_path / "out" / "paper_k16" / "summary.json"))
     assert comp["block_size"] == 16 and comp["seeds"] == [0, 1, 2] and comp["command"] == "slim-rl ablate ..."
+    assert comp["sft_seed"] == 0 and list(comp["sft"]) == ["0"]
     m = comp["samples_to_match_tracerl_best"]
     assert m["slim"]["rows"]["mean"] == 31.0 and m["slim"]["reached"] == 3 and m["tracerl"]["rows"]["mean"] == 200
     assert math.isclose(m["slim"]["ratio_to_tracerl"]["mean"], 31 / 200)
