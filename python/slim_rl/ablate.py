@@ -64,6 +64,16 @@ ABLATIONS: list[tuple[str, str, list[str]]] = [
      ["objective.shared_clean=false"]),
 ]
 STUDIES = ("compare", "ablations", "all")
+EXTEND = 3  # the *_long runs: slim and random continued to EXTEND x the RL steps (rollouts) of the budget
+
+
+def _extended(cfg: Config) -> list[tuple[str, str, list[str]]]:
+    """slim and random continued past the shared budget, for the samples each needs to reach TraceRL's best
+    (the first ``train.steps`` steps repeat the same-budget run: every step is seeded by (seed, step))."""
+    return [(f"{n}_long", f"{what}, continued to {EXTEND}x the rollouts",
+             ov + [f"train.steps={EXTEND * cfg.train.steps}"]) for n, what, ov in COMPARE if n != "tracerl"]
+
+
 _STEP_KEYS = ("reward", "response_len", "tokens_per_forward", "mask_ratio", "kl", "clip_frac", "ratio_mean",
               "ewc_per_step", "commits_per_step", "rows", "loss", "step_s", "rollout_s")
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -195,10 +205,10 @@ class _Inline:
         return f
 
 
-def _settings(study: str) -> list[tuple[str, str, list[str]]]:
+def _settings(study: str, cfg: Config) -> list[tuple[str, str, list[str]]]:
     if study not in STUDIES:
         raise UserError(f"ablate: --study must be one of {', '.join(STUDIES)}, got {study!r}")
-    out = list(COMPARE) if study in ("compare", "all") else []
+    out = list(COMPARE) + _extended(cfg) if study in ("compare", "all") else []
     if study in ("ablations", "all"):
         out += [s for s in ABLATIONS if s[0] not in {o[0] for o in out}]
     return out
@@ -219,7 +229,7 @@ def run_study(cfg: Config, *, seeds: list[int], out: str, study: str = "all", jo
         raise UserError(f"ablate: --seeds must be distinct, got {seeds}")
     if jobs < 1:
         raise UserError(f"ablate: --jobs must be >= 1, got {jobs}")
-    settings = _settings(study)
+    settings = _settings(study, cfg)
     work = cfg.train.out_dir
     os.makedirs(work, exist_ok=True)
     cfg_dict = to_dict(cfg)
@@ -328,16 +338,17 @@ def summarize(cfg: Config, *, seeds: list[int], out: str, study: str = "all", co
               "config": to_dict(cfg)}
     written: dict[str, Any] = {}
     if study in ("compare", "all"):
-        written["paper_k16"] = _summarize_compare(work, seeds, os.path.join(out, "paper_k16"), common)
+        written["paper_k16"] = _summarize_compare(work, seeds, os.path.join(out, "paper_k16"), common,
+                                                  [n for n, _, _ in _extended(cfg)])
     if study in ("ablations", "all"):
         written["ablations"] = _summarize_ablations(work, seeds, os.path.join(out, "ablations"), common)
     return written
 
 
-def _summarize_compare(work: str, seeds: list[int], out: str, common: dict) -> dict[str, Any]:
+def _summarize_compare(work: str, seeds: list[int], out: str, common: dict, long_names: list[str]) -> dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     names = [n for n, _, _ in COMPARE]
-    got, missing = _collect(work, seeds, names)
+    got, missing = _collect(work, seeds, names + long_names)
     curves = {}
     for n in names:
         rs = sorted(got[n], key=lambda r: r["seed"])
@@ -355,12 +366,47 @@ def _summarize_compare(work: str, seeds: list[int], out: str, common: dict) -> d
                           "accuracy_after": r["accuracy_after"], "best_accuracy": r["best_accuracy"],
                           "train_rows": r["train_rows"], "points": r["points"]} for r in rs],
         }
-    # samples (training rows) to reach TraceRL's best held-out accuracy, paired by seed
-    match: dict[str, Any] = {}
+    # samples (training rows) to reach TraceRL's best held-out accuracy, paired by seed: within the shared
+    # rollout budget, and with slim / random continued to EXTEND x the rollouts (the *_long runs)
     trace = {r["seed"]: r for r in got.get("tracerl", [])}
+    match = _match(names, {n: got[n] for n in names}, trace)
+    runs_long = {n: got.get(f"{n}_long") or got[n] for n in names}
+    match_long = _match(names, runs_long, trace)
+    for n in names:
+        match_long[n]["runs"] = f"{n}_long" if got.get(f"{n}_long") else n
+    extended = {f"{n}_long": {"accuracy": _mean_curve(sorted(got[f"{n}_long"], key=lambda r: r["seed"]), "accuracy",
+                                                       "points"),
+                              "final_accuracy": _ci([r["accuracy_after"] for r in got[f"{n}_long"]]),
+                              "best_accuracy": _ci([r["best_accuracy"] for r in got[f"{n}_long"]]),
+                              "train_rows": _ci([r["train_rows"] for r in got[f"{n}_long"]]),
+                              "rollouts": _ci([r["rollouts"] for r in got[f"{n}_long"]])}
+                for n in names if got.get(f"{n}_long")}
+    summary = {
+        "what": "held-out greedy accuracy vs training samples (rows through forward+backward) and rollouts; "
+                "tokens per forward, generation length, mask ratio, KL and clip fraction over training; "
+                "slim vs tracerl vs random from the same SFT model and the same rollout budget",
+        **common, "objectives": names, "missing": missing, "curves": curves, "extended_curves": extended,
+        "samples_to_match_tracerl_best": match_long,
+        "samples_to_match_tracerl_best_same_budget": match,
+        "samples_to_match_definition": "per seed: target = TraceRL's best held-out accuracy over its evaluations "
+                                       "(after step 0, same-budget run); rows = training rows at an objective's "
+                                       "first evaluation reaching it (null = not reached); mean and 95% t-interval "
+                                       "over the seeds that reached it; ratio_to_tracerl = rows / TraceRL's own "
+                                       f"rows. samples_to_match_tracerl_best uses slim / random continued to "
+                                       f"{EXTEND}x the rollouts (runs: *_long); *_same_budget stops at the shared "
+                                       "rollout budget",
+    }
+    _atomic_json(os.path.join(out, "summary.json"), summary)
+    summary["plots"] = plot_study_compare(curves, out, title=f"K={common['block_size']}, {len(seeds)} seeds",
+                                          extended=extended)
+    return summary
+
+
+def _match(names: list[str], runs: dict[str, list[dict]], trace: dict[int, dict]) -> dict[str, Any]:
+    match: dict[str, Any] = {}
     for n in names:
         per_seed, ratios = [], []
-        for r in sorted(got[n], key=lambda r: r["seed"]):
+        for r in sorted(runs[n], key=lambda r: r["seed"]):
             t = trace.get(r["seed"])
             if t is None:
                 continue
@@ -373,20 +419,7 @@ def _summarize_compare(work: str, seeds: list[int], out: str, common: dict) -> d
         reached = [p["rows"] for p in per_seed if p["rows"] is not None]
         match[n] = {"rows": _ci([float(x) for x in reached]), "reached": len(reached), "of": len(per_seed),
                     "ratio_to_tracerl": _ci(ratios), "per_seed": per_seed}
-    summary = {
-        "what": "held-out greedy accuracy vs training samples (rows through forward+backward) and rollouts; "
-                "tokens per forward, generation length, mask ratio, KL and clip fraction over training; "
-                "slim vs tracerl vs random from the same SFT model and the same rollout budget",
-        **common, "objectives": names, "missing": missing, "curves": curves,
-        "samples_to_match_tracerl_best": match,
-        "samples_to_match_definition": "per seed: target = TraceRL's best held-out accuracy over its evaluations "
-                                       "(after step 0); rows = training rows at an objective's first evaluation "
-                                       "reaching it (null = not reached within the budget); mean and 95% t-interval "
-                                       "over the seeds that reached it; ratio_to_tracerl = rows / TraceRL's own rows",
-    }
-    _atomic_json(os.path.join(out, "summary.json"), summary)
-    summary["plots"] = plot_study_compare(curves, out, title=f"K={common['block_size']}, {len(seeds)} seeds")
-    return summary
+    return match
 
 
 def _summarize_ablations(work: str, seeds: list[int], out: str, common: dict) -> dict[str, Any]:
@@ -451,8 +484,9 @@ def _band(ax, pts: list[dict], xkey: str, label: str, color: str | None) -> None
         ax.fill_between(xs, [p["ci95"][0] for p in pts], [p["ci95"][1] for p in pts], color=color, alpha=0.15)
 
 
-def plot_study_compare(curves: dict[str, dict], out: str, *, title: str) -> list[str]:
-    """accuracy vs rows / rollouts (95% bands), and the training dynamics over RL steps."""
+def plot_study_compare(curves: dict[str, dict], out: str, *, title: str,
+                       extended: dict[str, dict] | None = None) -> list[str]:
+    """accuracy vs rows / rollouts (95% bands; the *_long runs dashed), and the training dynamics."""
     from slim_rl.plots import _plt
 
     plt = _plt()
@@ -462,6 +496,10 @@ def plot_study_compare(curves: dict[str, dict], out: str, *, title: str) -> list
                          (axes[1], "rollouts", "rollouts (decoded responses)")):
         for n, c in curves.items():
             _band(ax, c["accuracy"], xkey, n, _COLORS.get(n))
+        for n, c in (extended or {}).items():
+            pts = c["accuracy"]
+            ax.plot([p[xkey] for p in pts], [p["mean"] for p in pts], "--", lw=1, label=f"{n} ({EXTEND}x rollouts)",
+                    color=_COLORS.get(n.removesuffix("_long")))
         ax.set_xlabel(xl)
         ax.set_ylabel("held-out greedy accuracy")
         ax.grid(alpha=0.3)
