@@ -113,7 +113,8 @@ class ObjectiveConfig:
                      choices=("gauss_legendre", "uniform"))
     spread: float = key(0.2, "slim: sigma, spread of the per-block mask schedule", ge=0.0)
     shape: str = key("cosine", "slim: shape of the per-block mask schedule", choices=("cosine", "linear"))
-    decreasing: bool = key(True, "slim: later blocks get more masking")
+    decreasing: bool = key(True, "slim: the mask probability decreases over the response blocks (the first block "
+                           "is masked most; false mirrors it)")
     schedule_blocks: str = key("response", "slim: blocks the schedule spans", choices=("response", "padded"))
     shared_clean: bool = key(True, "slim: one clean stream + n_q noisy streams per response")
     shrink: int = key(1, "tracerl: decode steps merged per row", ge=1)
