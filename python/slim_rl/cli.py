@@ -215,7 +215,9 @@ def _main(argv: list[str] | None) -> None:
     elif args.cmd == "ablate":
         from slim_rl.ablate import run_study
 
-        cmd = "slim-rl " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        # the command that runs (or resumes) the study; a --summarize-only call records it without that flag
+        cmd = "slim-rl " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+                                    if a != "--summarize-only")
         res = run_study(cfg, seeds=args.seeds, out=args.out or "benchmarks/results", study=args.study,
                         jobs=args.jobs, summarize_only=args.summarize_only, command=cmd, sft_seed=args.sft_seed)
         for part, summ in res.items():
