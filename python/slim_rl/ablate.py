@@ -205,6 +205,57 @@ class _Inline:
         return f
 
 
+def _speed_unit(cfg_dict: dict, work: str, sft_seed: int, reps: int = 5) -> dict[str, Any]:
+    """The shared clean stream on / off timed on the same rows: one rollout batch from the SFT model, then the
+    update step (logp_old + 2 minibatches of forward+backward) alternately with ``objective.shared_clean``
+    true / false, ``reps`` times each, from the same weights every time; medians, in one process."""
+    import copy as _copy
+    import statistics
+
+    import torch
+
+    from slim_rl.checkpoint import load_checkpoint
+    from slim_rl.config import Config, from_dict
+    from slim_rl.trainer import Trainer, build_model
+
+    torch.set_num_threads(1)
+    done = os.path.join(work, "speed_shared_clean.json")
+    if (res := _read(done)) is not None:
+        return res
+    sft = _read(os.path.join(work, f"seed{sft_seed}", "sft.json"))
+    if sft is None:
+        raise RuntimeError(f"seed {sft_seed}: the SFT stage has not finished")
+    times: dict[bool, list[float]] = {True: [], False: []}
+    rows: dict[bool, int] = {}
+    base = _seed_cfg(from_dict(Config, cfg_dict), sft_seed, work)
+    trainers = {}
+    for shared in (True, False):
+        c = apply_overrides(base, [f"objective.shared_clean={str(shared).lower()}", "advantage.filter_groups=false",
+                                   f"train.out_dir={os.path.join(work, 'speed_shared_clean')}"])
+        model = build_model(c, "cpu")
+        load_checkpoint(sft["checkpoint"], model, None, restore_rng=False)
+        trainers[shared] = Trainer(c, model=model)
+    batch = trainers[True].rollout(1)
+    state = _copy.deepcopy(trainers[True].model.state_dict())
+    for _ in range(reps):
+        for shared in (True, False):
+            tr = trainers[shared]
+            tr.model.load_state_dict(state)
+            tr.optimizer.state.clear()
+            t0 = time.perf_counter()
+            rec = tr.update(batch, 1)
+            times[shared].append(time.perf_counter() - t0)
+            rows[shared] = rec["rows"]
+    res = {"what": "update step (logp_old + E x minibatches forward+backward + AdamW) on one rollout batch of the SFT "
+                   "model, groups unfiltered; median of reps, the two settings alternated in one process, 1 thread",
+           "reps": reps, "responses": len(batch), "rows": rows[True],
+           "shared_clean_on_s": statistics.median(times[True]), "shared_clean_off_s": statistics.median(times[False]),
+           "all_on_s": times[True], "all_off_s": times[False]}
+    res["speedup"] = res["shared_clean_off_s"] / res["shared_clean_on_s"]
+    _atomic_json(done, res)
+    return res
+
+
 def _settings(study: str, cfg: Config) -> list[tuple[str, str, list[str]]]:
     if study not in STUDIES:
         raise UserError(f"ablate: --study must be one of {', '.join(STUDIES)}, got {study!r}")
@@ -258,6 +309,10 @@ def run_study(cfg: Config, *, seeds: list[int], out: str, study: str = "all", jo
                     continue
                 log(f"[{time.time() - t0:6.0f} s] {name} seed {s}: {r['accuracy_before']:.3f} -> "
                     f"{r['accuracy_after']:.3f} ({r['train_rows']} rows, {r['train_seconds']:.0f} s)")
+        if study in ("ablations", "all"):  # alone, after the runs: a timing
+            r = _speed_unit(cfg_dict, work, seeds[0] if sft_seed is None else sft_seed)
+            log(f"[{time.time() - t0:6.0f} s] shared clean stream: update {r['shared_clean_on_s']:.2f} s on, "
+                f"{r['shared_clean_off_s']:.2f} s off ({r['rows']} rows)")
     res = summarize(cfg, seeds=seeds, out=out, study=study, command=command, sft_seed=sft_seed)
     res["wall_seconds_this_call"] = time.time() - t0
     return res
@@ -447,7 +502,9 @@ def _summarize_ablations(work: str, seeds: list[int], out: str, common: dict) ->
             "rollout_seconds": sum(r["rollout_seconds"] for r in rs) / len(rs),
             "rollout_ewc_per_step": sum(ewc) / len(ewc), "rollout_tokens_per_forward": sum(tpf) / len(tpf),
         })
-    summary = {"what": "one change from the default SLIM-RL setting per row, same rollout budget; accuracy = "
+    speed = _read(os.path.join(work, "speed_shared_clean.json"))
+    summary = {"shared_clean_speed": speed,
+               "what": "one change from the default SLIM-RL setting per row, same rollout budget; accuracy = "
                        "held-out greedy accuracy after the last RL step; samples = training rows; seconds = "
                        "RL time (rollout + update, no evaluation) per run, 2 runs in parallel on 2 shared CPU "
                        "cores (noisy); rollout_ewc_per_step = expected wrong commits per decode step in the "
