@@ -318,16 +318,6 @@ def run_study(cfg: Config, *, seeds: list[int], out: str, study: str = "all", jo
     return res
 
 
-def _git_sha() -> str:
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=False).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _ci(xs: list[float]) -> dict[str, Any]:
     m, lo, hi = t_interval(xs)
     return {"mean": m, "ci95": None if lo is None else [lo, hi], "n": len(xs)}
@@ -375,6 +365,8 @@ def summarize(cfg: Config, *, seeds: list[int], out: str, study: str = "all", co
               sft_seed: int | None = None) -> dict[str, Any]:
     """Write ``<out>/paper_k16`` and/or ``<out>/ablations`` (summary.json, plots) from the finished units."""
     import torch
+
+    from slim_rl.compare import _git_sha
 
     work = cfg.train.out_dir
     sft_seeds = seeds if sft_seed is None else [sft_seed]

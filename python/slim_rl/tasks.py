@@ -42,6 +42,17 @@ class Example:
     uid: int = 0
 
 
+def exact_match_reward(responses: Sequence[Sequence[int]], examples: Sequence[Example], eos_id: int) -> list[float]:
+    """1.0 where a response, with one trailing EOS removed, equals its example's answer ids, else 0.0."""
+    out = []
+    for r, ex in zip(responses, examples):
+        r = [int(t) for t in r]
+        if r and r[-1] == eos_id:
+            r = r[:-1]
+        out.append(1.0 if r == list(ex.answer) else 0.0)
+    return out
+
+
 class AdditionTask:
     """``a+b=`` → the sum with a fixed number of digits (leading zeros), then EOS.
 
@@ -119,13 +130,7 @@ class AdditionTask:
 
     def reward(self, responses: Sequence[Sequence[int]], examples: Sequence[Example]) -> list[float]:
         """Exact match of the response (EOS removed) with the answer digits."""
-        out = []
-        for r, ex in zip(responses, examples):
-            r = [int(t) for t in r]
-            if r and r[-1] == self.eos_id:
-                r = r[:-1]
-            out.append(1.0 if r == list(ex.answer) else 0.0)
-        return out
+        return exact_match_reward(responses, examples, self.eos_id)
 
     def carry_fraction(self, examples: Sequence[Example]) -> float:
         n = 10 ** self.digits
@@ -232,13 +237,7 @@ class ShiftTask:
 
     def reward(self, responses: Sequence[Sequence[int]], examples: Sequence[Example]) -> list[float]:
         """Exact match of the response (EOS removed) with the answer digits."""
-        out = []
-        for r, ex in zip(responses, examples):
-            r = [int(t) for t in r]
-            if r and r[-1] == self.eos_id:
-                r = r[:-1]
-            out.append(1.0 if r == list(ex.answer) else 0.0)
-        return out
+        return exact_match_reward(responses, examples, self.eos_id)
 
     def flawed_fraction(self, examples: Sequence[Example]) -> float:
         """Share of ``examples`` on which the demonstrator may err (k read from the prompt)."""
