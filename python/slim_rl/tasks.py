@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import torch
 
+from slim_rl.rewards import exact_match_reward
+
 __all__ = ["Example", "AdditionTask", "ShiftTask", "JsonlTask", "make_task"]
 
 
@@ -42,15 +44,13 @@ class Example:
     uid: int = 0
 
 
-def exact_match_reward(responses: Sequence[Sequence[int]], examples: Sequence[Example], eos_id: int) -> list[float]:
-    """1.0 where a response, with one trailing EOS removed, equals its example's answer ids, else 0.0."""
-    out = []
-    for r, ex in zip(responses, examples):
+def _answer_reward(responses: Sequence[Sequence[int]], examples: Sequence[Example], eos_id: int) -> list[float]:
+    """Exact match of each response, one trailing EOS removed, with its example's answer ids."""
+    stripped = []
+    for r in responses:
         r = [int(t) for t in r]
-        if r and r[-1] == eos_id:
-            r = r[:-1]
-        out.append(1.0 if r == list(ex.answer) else 0.0)
-    return out
+        stripped.append(r[:-1] if r and r[-1] == eos_id else r)
+    return exact_match_reward(stripped, [ex.answer for ex in examples])
 
 
 class AdditionTask:
@@ -130,7 +130,7 @@ class AdditionTask:
 
     def reward(self, responses: Sequence[Sequence[int]], examples: Sequence[Example]) -> list[float]:
         """Exact match of the response (EOS removed) with the answer digits."""
-        return exact_match_reward(responses, examples, self.eos_id)
+        return _answer_reward(responses, examples, self.eos_id)
 
     def carry_fraction(self, examples: Sequence[Example]) -> float:
         n = 10 ** self.digits
@@ -237,7 +237,7 @@ class ShiftTask:
 
     def reward(self, responses: Sequence[Sequence[int]], examples: Sequence[Example]) -> list[float]:
         """Exact match of the response (EOS removed) with the answer digits."""
-        return exact_match_reward(responses, examples, self.eos_id)
+        return _answer_reward(responses, examples, self.eos_id)
 
     def flawed_fraction(self, examples: Sequence[Example]) -> float:
         """Share of ``examples`` on which the demonstrator may err (k read from the prompt)."""
