@@ -146,6 +146,7 @@ def _rl_unit(cfg_dict: dict, seed: int, work: str, name: str, overrides: list[st
     import torch
 
     from slim_rl.checkpoint import load_checkpoint
+    from slim_rl.compare import accuracy_points
     from slim_rl.config import Config, from_dict
     from slim_rl.runs import latest_checkpoint
     from slim_rl.trainer import Trainer, build_model
@@ -167,12 +168,7 @@ def _rl_unit(cfg_dict: dict, seed: int, work: str, name: str, overrides: list[st
     t0 = time.time()
     hist = tr.train(resume=resume, progress=False)
     before = sft["accuracy_before"]
-    points = [{"step": 0, "rollouts": 0, "train_rows": 0, "accuracy": before}]
-    points += [{"step": r["step"], "rollouts": r["rollouts"], "train_rows": r["train_rows"],
-                "accuracy": r["eval_accuracy"]} for r in hist if "eval_accuracy" in r]
-    if points[-1]["step"] != tr.step:
-        points.append({"step": tr.step, "rollouts": tr.counters["rollouts"],
-                       "train_rows": tr.counters["train_rows"], "accuracy": tr.evaluate()["accuracy"]})
+    points = accuracy_points(tr, hist, before)
     steps = [{"step": r["step"], "train_rows": r["train_rows"], "rollouts": r["rollouts"],
               **{k: r[k] for k in _STEP_KEYS if k in r}} for r in hist]
     res = {"name": name, "seed": seed, "sft_seed": sft_seed, "overrides": overrides, "accuracy_before": before,

@@ -41,6 +41,18 @@ def _git_sha() -> str:
         return "unknown"
 
 
+def accuracy_points(tr, hist: list[dict], before: float) -> list[dict[str, Any]]:
+    """Held-out accuracy over training: the start, every periodic evaluation in ``hist``, and the final step
+    (evaluated now when the last periodic evaluation was earlier)."""
+    points = [{"step": 0, "rollouts": 0, "train_rows": 0, "accuracy": before}]
+    points += [{"step": r["step"], "rollouts": r["rollouts"], "train_rows": r["train_rows"],
+                "accuracy": r["eval_accuracy"]} for r in hist if "eval_accuracy" in r]
+    if points[-1]["step"] != tr.step:
+        points.append({"step": tr.step, "rollouts": tr.counters["rollouts"],
+                       "train_rows": tr.counters["train_rows"], "accuracy": tr.evaluate()["accuracy"]})
+    return points
+
+
 def check_objectives(objectives) -> list[str]:
     """The objectives to compare, in order; a :class:`UserError` names a bad or repeated one."""
     objs = list(objectives)
@@ -84,12 +96,7 @@ def run_compare(cfg: Config, *, seeds: list[int], out_dir: str, objectives=("sli
             tr = Trainer(c, model=model, task=trainer.task, info=trainer.info)
             t0 = time.time()
             hist = tr.train(progress=progress)
-            points = [{"step": 0, "rollouts": 0, "train_rows": 0, "accuracy": before}]
-            points += [{"step": r["step"], "rollouts": r["rollouts"], "train_rows": r["train_rows"],
-                        "accuracy": r["eval_accuracy"]} for r in hist if "eval_accuracy" in r]
-            if points[-1]["step"] != tr.step:
-                points.append({"step": tr.step, "rollouts": tr.counters["rollouts"],
-                               "train_rows": tr.counters["train_rows"], "accuracy": tr.evaluate()["accuracy"]})
+            points = accuracy_points(tr, hist, before)
             runs[obj].append({
                 "seed": seed, "accuracy_before": before, "accuracy_after": points[-1]["accuracy"],
                 "points": points, "rl_seconds": time.time() - t0, "sft_seconds": facts["sft_seconds"],
