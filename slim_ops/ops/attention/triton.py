@@ -120,6 +120,21 @@ def _bda_tile_mask(n0, a_lo, a_hi, b_lo, b_hi, self_only, b_pad, BN: tl.constexp
 
 
 @triton.jit
+def _bda_kv_bases(Kp, V, PAD, TPAD, FV, i_b, i_hk, stride_kb, stride_kh, stride_vb, stride_vh, stride_pb, stride_tb,
+                  HAS_PAD: tl.constexpr):
+    """Base pointers of batch i_b / KV head i_hk's keys, values, pad bits and tile pad bits; first valid key."""
+    p_kb = Kp + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+    p_vb = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+    p_pad = PAD + i_b.to(tl.int64) * stride_pb
+    p_tpad = TPAD + i_b.to(tl.int64) * stride_tb
+    if HAS_PAD:
+        fv = tl.load(FV + i_b)
+    else:
+        fv = 0
+    return p_kb, p_vb, p_pad, p_tpad, fv
+
+
+@triton.jit
 def _bda_fwd_tile(b_acc, b_m, b_l, b_q, p_kb, p_vb, n0, Lk, stride_kn, stride_vn, full,
                   a_lo, a_hi, b_lo, b_hi, self_only, p_pad, L0, QK_SCALE: tl.constexpr, D: tl.constexpr,
                   BD: tl.constexpr, BN: tl.constexpr, HAS_PAD: tl.constexpr, UPCAST: tl.constexpr,
@@ -169,14 +184,8 @@ def _bda_fwd_kernel(Q, Kp, V, O, LSE, PAD, TPAD, FV,
     b_q = tl.load(p_q, boundary_check=(0, 1), padding_option="zero")  # [BM, BD]
     if UPCAST:
         b_q = b_q.to(tl.float32)
-    p_kb = Kp + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    p_vb = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    p_pad = PAD + i_b.to(tl.int64) * stride_pb
-    p_tpad = TPAD + i_b.to(tl.int64) * stride_tb
-    if HAS_PAD:
-        fv = tl.load(FV + i_b)
-    else:
-        fv = 0
+    p_kb, p_vb, p_pad, p_tpad, fv = _bda_kv_bases(Kp, V, PAD, TPAD, FV, i_b, i_hk, stride_kb, stride_kh, stride_vb,
+                                                  stride_vh, stride_pb, stride_tb, HAS_PAD)
     a_lo, a_hi, b_lo, b_hi, self_only = _bda_row_intervals(o_q, m_q, L0, L1, K, Lc, fv, HAS_PAD)
     lo_a, hi_a, lo_b, hi_b, fa_lo, fa_hi, fb_lo, fb_hi = _bda_block_bounds(m_q, a_lo, a_hi, b_lo, b_hi)
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
@@ -233,14 +242,8 @@ def _bda_decode_kernel(Q, Kp, V, O, LSE, PAD, TPAD, FV,
     b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_qd, other=0.0)  # [BM, BD]
     if UPCAST:
         b_q = b_q.to(tl.float32)
-    p_kb = Kp + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    p_vb = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    p_pad = PAD + i_b.to(tl.int64) * stride_pb
-    p_tpad = TPAD + i_b.to(tl.int64) * stride_tb
-    if HAS_PAD:
-        fv = tl.load(FV + i_b)
-    else:
-        fv = 0
+    p_kb, p_vb, p_pad, p_tpad, fv = _bda_kv_bases(Kp, V, PAD, TPAD, FV, i_b, i_hk, stride_kb, stride_kh, stride_vb,
+                                                  stride_vh, stride_pb, stride_tb, HAS_PAD)
     a_lo, a_hi, b_lo, b_hi, self_only = _bda_row_intervals(i_q + q_start, m_q, L0, L1, K, Lc, fv, HAS_PAD)
     lo_a, hi_a, lo_b, hi_b, fa_lo, fa_hi, fb_lo, fb_hi = _bda_block_bounds(m_q, a_lo, a_hi, b_lo, b_hi)
     # the hull of all rows' keys (the launcher only sends layouts without noisy streams: b is empty)
@@ -492,14 +495,8 @@ def _bda_bwd_dq_kernel(Q, Kp, V, DO, LSE, DELTA, DQ, PAD, TPAD, FV,
         b_do = b_do.to(tl.float32)
     b_lse = tl.load(LSE + i_bh.to(tl.int64) * Lq + o_m, mask=m_q, other=0.0)
     b_delta = tl.load(DELTA + i_bh.to(tl.int64) * Lq + o_m, mask=m_q, other=0.0)
-    p_kb = Kp + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
-    p_vb = V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
-    p_pad = PAD + i_b.to(tl.int64) * stride_pb
-    p_tpad = TPAD + i_b.to(tl.int64) * stride_tb
-    if HAS_PAD:
-        fv = tl.load(FV + i_b)
-    else:
-        fv = 0
+    p_kb, p_vb, p_pad, p_tpad, fv = _bda_kv_bases(Kp, V, PAD, TPAD, FV, i_b, i_hk, stride_kb, stride_kh, stride_vb,
+                                                  stride_vh, stride_pb, stride_tb, HAS_PAD)
     a_lo, a_hi, b_lo, b_hi, self_only = _bda_row_intervals(o_m + q_start, m_q, L0, L1, K, Lc, fv, HAS_PAD)
     lo_a, hi_a, lo_b, hi_b, fa_lo, fa_hi, fb_lo, fb_hi = _bda_block_bounds(m_q, a_lo, a_hi, b_lo, b_hi)
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
