@@ -376,34 +376,6 @@ def tau_inputs(R, K, V, dtype, dev, seed):
     return logits, block
 
 
-def tau_expected(logits, seed, T, mask_id):
-    """Vectorised docs/decode.md, 'Candidate token and confidence' per slot, fp32 on upcast logits
-    (reference.gumbel_noise for T > 0): (tokens, confidence, gap between the best two scores)."""
-    R, K, V = logits.shape
-    per = max(1, (1 << 25) // max(1, K * V))
-    toks, confs, gaps = [], [], []
-    for r0 in range(0, R, per):
-        z = logits[r0:r0 + per].float().reshape(-1, V)
-        invalid = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(z).all(-1)
-        if T == 0.0:
-            score = z
-            conf = 1.0 / torch.exp(z - z.max(-1, keepdim=True).values).sum(-1)
-        else:
-            slots = torch.arange(r0 * K, r0 * K + z.shape[0], device=z.device)
-            zt = z / T
-            score = zt + tau_ref.gumbel_noise(seed, slots, V)
-            conf = None
-        tok = torch.argmax(score, dim=-1)  # lowest index among equal maxima
-        if conf is None:
-            conf = torch.softmax(zt, dim=-1).gather(1, tok[:, None])[:, 0]
-        top = score.topk(min(2, V), dim=-1).values
-        gap = top[:, 0] - top[:, -1] if V > 1 else torch.full_like(conf, math.inf)
-        toks.append(torch.where(invalid, mask_id, tok))
-        confs.append(torch.where(invalid, math.nan, conf))
-        gaps.append(torch.where(invalid, math.inf, gap))
-    return (torch.cat(toks).reshape(R, K), torch.cat(confs).reshape(R, K), torch.cat(gaps).reshape(R, K))
-
-
 def tau_cases(run: Run) -> None:
     S = run.S["tau"]
     K, V, dtype = S["K"], S["V"], S["dtype"]
@@ -435,7 +407,7 @@ def tau_case(run: Run, case, backend, R, K, V, dtype, T, mask_id, seed, baseline
     out = backend_call(lambda: step(backend, seed))
     # the op draws one int64 seed from the generator (reference.py); draw the same one here
     rseed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=gen(dev, seed), device=dev, dtype=torch.int64)
-    tok, conf, gap = tau_expected(logits, rseed, T, mask_id)
+    tok, conf, gap = tau_ref.slot_candidates_ref(logits, rseed, T, mask_id)
     chk = Check()
     differ = out.tokens != tok
     near = gap <= NEAR_TIE

@@ -53,28 +53,6 @@ def _op_seed(gen_seed: int) -> torch.Tensor:
     return torch.randint(-(2**63), 2**63 - 1, (1,), generator=g, device="cuda", dtype=torch.int64)
 
 
-def _expected(logits, seed, T, mask_id):
-    """docs/decode.md, 'Candidate token and confidence' per slot, vectorised, fp32 on upcast logits: (tokens,
-    confidence, best − second best score)."""
-    R, K, V = logits.shape
-    per = max(1, (1 << 25) // (K * V))
-    toks, confs, gaps = [], [], []
-    for r0 in range(0, R, per):
-        z = logits[r0:r0 + per].float().reshape(-1, V)
-        invalid = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(z).all(-1)
-        if T == 0.0:
-            score = z
-        else:
-            score = z / T + ref.gumbel_noise(seed, torch.arange(r0 * K, r0 * K + z.shape[0], device="cuda"), V)
-        tok = torch.argmax(score, dim=-1)
-        conf = torch.softmax(z / (T if T > 0 else 1.0), dim=-1).gather(1, tok[:, None])[:, 0]
-        top = score.topk(2, dim=-1).values
-        toks.append(torch.where(invalid, mask_id, tok))
-        confs.append(torch.where(invalid, torch.nan, conf))
-        gaps.append(torch.where(invalid, torch.inf, top[:, 0] - top[:, 1]))
-    return torch.cat(toks).reshape(R, K), torch.cat(confs).reshape(R, K), torch.cat(gaps).reshape(R, K)
-
-
 def _check_selection(out, block, mask_id, tau, m, floor):
     conf, blk, com, num, risk, tok = (t.cpu() for t in (out.confidence, block, out.commit, out.num_committed,
                                                         out.risk, out.tokens))
@@ -99,7 +77,7 @@ def test_gpu_greedy_real_sizes_match_reference(backend, R, K, V, dtype):
     logits, block, mask_id = _case(R, K, V, dtype, seed=R + K)
     _poison_allocator(1 << 26)
     out = slim_ops.tau_budget_step(logits, block, mask_id, tau=0.9, m=1.0, floor=1, backend=backend)
-    tok, conf, _ = _expected(logits, None, 0.0, mask_id)
+    tok, conf, _ = ref.slot_candidates_ref(logits, None, 0.0, mask_id)
     bad = out.tokens != tok
     assert not bad.any(), f"{int(bad.sum())} greedy tokens differ from the fp32 argmax, first at {bad.nonzero()[0]}"
     assert_close(out.confidence, conf, name="confidence")
@@ -120,7 +98,7 @@ def test_gpu_sampling_real_vocab_reference_stream(backend, T, report):
     out = slim_ops.tau_budget_step(logits, block, mask_id, temperature=T, backend=backend,
                                    generator=torch.Generator(device="cuda").manual_seed(9))
     seed = _op_seed(9)
-    tok, conf, gap = _expected(logits, seed, T, mask_id)
+    tok, conf, gap = ref.slot_candidates_ref(logits, seed, T, mask_id)
     differ = out.tokens != tok
     near = gap <= NEAR_TIE
     report(f"  tau_budget {backend} T={T}: sampled-token mismatch rate vs reference stream "

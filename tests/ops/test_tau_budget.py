@@ -22,6 +22,8 @@ from slim_ops.ops.tau_budget.reference import (
     budget,
     gumbel_noise,
     select_row_ref,
+    slot_candidates_ref,
+    slot_ref,
     tau_budget_step_ref,
 )
 from slim_ops.ops.tau_budget.triton import _gumbel
@@ -362,6 +364,31 @@ def test_triton_sampling_tile_skip_late_winner(T):
     out = slim_ops.tau_budget_step(logits.to(DEV), block.to(DEV), 0, temperature=T,
                                    generator=torch.Generator().manual_seed(7), backend="triton")
     _compare_step(out, ref)
+
+
+@pytest.mark.parametrize("T", [0.0, 0.8])
+def test_slot_candidates_ref_is_slot_ref_on_every_slot(T):
+    """The vectorised, chunked checker used by the GPU tests and benchmarks agrees with the per-slot definition,
+    invalid slots and chunk edges included (chunk_elems forces 3 rows per chunk over 7 rows)."""
+    g = torch.Generator().manual_seed(31)
+    R, K, V = 7, 5, 97
+    logits = torch.randn(R, K, V, generator=g) * 3
+    logits[1, 2, 5] = math.nan
+    logits[3, 0, 9] = math.inf
+    logits[4, 4] = -math.inf
+    logits[6, 1, 40:] = -math.inf  # still valid
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=g, dtype=torch.int64)
+    tok, conf, gap = slot_candidates_ref(logits, seed, T, mask_id=96, chunk_elems=3 * K * V)
+    for r in range(R):
+        for j in range(K):
+            noise = gumbel_noise(seed, torch.tensor([r * K + j]), V)[0] if T > 0 else None
+            x0, c = slot_ref(logits[r, j], T, noise)
+            if x0 is None:
+                assert int(tok[r, j]) == 96 and math.isnan(conf[r, j]) and gap[r, j] == math.inf, (r, j)
+            else:
+                assert int(tok[r, j]) == x0, (r, j)
+                assert_close(conf[r, j], torch.tensor(c), name=f"confidence[{r},{j}]")
+                assert gap[r, j] >= 0, (r, j)
 
 
 def test_triton_gumbel_transform_accuracy():

@@ -170,6 +170,38 @@ def slot_ref(z: torch.Tensor, temperature: float, noise: torch.Tensor | None) ->
     return x0, float(p[x0])
 
 
+def slot_candidates_ref(logits: torch.Tensor, seed: torch.Tensor | None, temperature: float, mask_id: int,
+                        chunk_elems: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``slot_ref`` for every slot of logits [R, K, V] at once, on logits' device, fp32 on the upcast logits, for
+    checking kernels at real vocabularies. Rows are taken ``chunk_elems`` logits at a time, bounding the fp32 copy.
+
+    Returns (tokens int64, confidence fp32, gap fp32), each [R, K]: gap is the best minus the second best score
+    (z, or z / T + g when sampling; +inf when V = 1), which tells the caller where the fp32 argmax is a near-tie.
+    Invalid slots get (mask_id, NaN, +inf). ``seed`` ([1] int64) is needed only when temperature > 0."""
+    R, K, V = logits.shape
+    per = max(1, chunk_elems // max(1, K * V))
+    toks, confs, gaps = [], [], []
+    for r0 in range(0, R, per):
+        z = logits[r0:r0 + per].to(torch.float32).reshape(-1, V)
+        invalid = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1) | torch.isneginf(z).all(-1)
+        if temperature == 0.0:
+            score = z
+            tok = torch.argmax(score, dim=-1)  # first index among equal maxima
+            conf = 1.0 / torch.exp(z - z.max(-1, keepdim=True).values).sum(-1)
+        else:
+            zt = z / temperature
+            slots = torch.arange(r0 * K, r0 * K + z.shape[0], device=z.device)
+            score = zt + gumbel_noise(seed.to(z.device), slots, V)
+            tok = torch.argmax(score, dim=-1)
+            conf = torch.softmax(zt, dim=-1).gather(1, tok[:, None])[:, 0]
+        top = score.topk(min(2, V), dim=-1).values
+        gap = top[:, 0] - top[:, -1] if V > 1 else torch.full_like(conf, math.inf)
+        toks.append(torch.where(invalid, mask_id, tok))
+        confs.append(torch.where(invalid, math.nan, conf))
+        gaps.append(torch.where(invalid, math.inf, gap))
+    return torch.cat(toks).reshape(R, K), torch.cat(confs).reshape(R, K), torch.cat(gaps).reshape(R, K)
+
+
 def slot_entropy_ref(z: torch.Tensor, temperature: float) -> float:
     """Entropy (nats, fp32) of softmax(z) (T = 0) or softmax(z / T) for one valid slot z [V] (module docstring)."""
     z = z.to(torch.float32)
