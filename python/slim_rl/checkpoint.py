@@ -126,12 +126,24 @@ def _single():
     return DistInfo()
 
 
+def _options(model: torch.nn.Module):
+    """A model with LoRA adapters (:mod:`slim_rl.lora`) is checkpointed by its trainable parameters only:
+    the frozen base comes from ``model.path`` (or the tiny model's seed) when the run is rebuilt."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from slim_rl.lora import has_adapters
+
+    if has_adapters(model):
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
+    return None
+
+
 def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
-        return get_model_state_dict(model), None
-    return get_state_dict(model, optimizer)
+        return get_model_state_dict(model, options=_options(model)), None
+    return get_state_dict(model, optimizer, options=_options(model))
 
 
 def _tensors_only(tree: Any, where: str) -> None:
@@ -363,9 +375,9 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
             for k, v in s.items():
                 if k != "params":
                     g[k] = tuple(v) if k == "betas" else v
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=_options(model))
     else:
-        set_model_state_dict(model, msd)
+        set_model_state_dict(model, msd, options=_options(model))
         if optimizer is not None:
             optimizer.state.clear()
     if restore_rng:

@@ -40,6 +40,16 @@ def key(default: Any, doc: str, *, choices: tuple | None = None, ge: float | Non
 
 
 @dataclass
+class LoraConfig:
+    r: int = key(0, "LoRA rank (0 = off: every weight trains); > 0: only the adapters train and are checkpointed",
+                 ge=0)
+    alpha: float = key(16.0, "LoRA alpha (the adapter's output is scaled by alpha / r)", gt=0.0)
+    dropout: float = key(0.0, "dropout on the adapters' input", ge=0.0, lt=1.0)
+    target_modules: str = key("all-linear", "modules that get adapters: all-linear (every linear layer but the LM "
+                              "head) or comma-separated module names, e.g. q_proj,k_proj,v_proj,o_proj")
+
+
+@dataclass
 class ModelConfig:
     family: str = key("sdar", "model family (decoding attention, logit shift)", choices=("sdar", "llada", "dream"))
     path: str = key("", "local checkpoint directory (config.json + weights); empty = a tiny random model")
@@ -50,9 +60,18 @@ class ModelConfig:
     num_kv_heads: int = key(2, "tiny model: key/value heads (divides num_heads)", ge=1)
     intermediate_size: int = key(0, "tiny model: MLP width (0 = 2 x hidden_size)", ge=0)
     seed: int = key(0, "tiny model: weight seed", ge=0)
-    dtype: str = key("float32", "parameter dtype", choices=("float32", "bfloat16", "float16"))
+    dtype: str = key("float32", "compute dtype of forwards and rollouts (the trained weights are model.master_dtype)",
+                     choices=("float32", "bfloat16", "float16"))
+    master_dtype: str = key("float32", "dtype of the trained (master) weights, their gradients, their reduction "
+                            "across ranks and the AdamW state; checkpoints hold it", choices=("float32", "bfloat16",
+                                                                                              "float16"))
+    low_precision_master: bool = key(False, "allow a bfloat16/float16 master_dtype with AdamW (updates smaller than "
+                                     "half a weight's ulp round away: at lr 1e-6 most weights never change)")
     attention: str = key("dense", "dense: 4D mask + SDPA; slim: slim_ops block-diffusion attention (no NxN mask)",
                          choices=("dense", "slim"))
+    gradient_checkpointing: bool = key(False, "activation checkpointing per decoder layer: recompute each layer's "
+                                       "activations in the backward instead of keeping them")
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
 
 
 @dataclass
@@ -201,6 +220,8 @@ class DistConfig:
                         choices=("ddp", "fsdp"))
     backend: str = key("auto", "process-group backend (auto: nccl on CUDA, gloo on CPU)",
                        choices=("auto", "gloo", "nccl"))
+    cpu_offload: bool = key(False, "fsdp: keep parameters, gradients and AdamW state in CPU memory (FSDP2 "
+                            "CPUOffloadPolicy; the optimizer steps on the CPU)")
 
 
 def _cross_checks(c: Config) -> list[str]:
@@ -225,6 +246,19 @@ def _cross_checks(c: Config) -> list[str]:
         for k in ("path", "tokenizer"):
             if not getattr(c.task, k):
                 bad.append(f"task.{k} must be set for task.name=jsonl")
+    if m.master_dtype != "float32" and not m.low_precision_master:
+        bad.append(f"model.master_dtype={m.master_dtype} with AdamW loses the updates (an update below half a "
+                   f"{m.master_dtype} step rounds away: at lr 1e-6 ~2% of the weights ever change); keep "
+                   "model.master_dtype=float32 (model.dtype sets the compute dtype) or set "
+                   "model.low_precision_master=true")
+    elif m.master_dtype != "float32" and m.dtype != m.master_dtype:
+        bad.append(f"model.dtype ({m.dtype}) must equal model.master_dtype ({m.master_dtype}) when the master is "
+                   "in low precision")
+    if c.dist.cpu_offload and c.dist.strategy != "fsdp":
+        bad.append(f"dist.cpu_offload=true needs dist.strategy=fsdp (FSDP2 CPUOffloadPolicy), got "
+                   f"dist.strategy={c.dist.strategy}")
+    if m.lora.r > 0 and not m.lora.target_modules.strip():
+        bad.append("model.lora.target_modules must name modules (or all-linear)")
     r = c.rollout
     if r.steps_per_block > r.block_size:
         bad.append(f"rollout.steps_per_block ({r.steps_per_block}) must be <= rollout.block_size ({r.block_size})")
@@ -264,18 +298,26 @@ class Config:
         """Check every key's type and range and the cross-key rules; returns self or raises
         :class:`ConfigError` listing the first problem (``and N more`` when there are several)."""
         bad: list[str] = []
-        for sec in dataclasses.fields(self):
-            section = getattr(self, sec.name)
-            for f in dataclasses.fields(section):
-                msg = _check_value(f"{sec.name}.{f.name}", getattr(section, f.name), f)
-                if msg:
-                    bad.append(msg)
+        for name, f, v in _leaves(self):
+            msg = _check_value(name, v, f)
+            if msg:
+                bad.append(msg)
         if not bad:
             bad = _cross_checks(self)
         if bad:
             more = f" (and {len(bad) - 1} more: {'; '.join(bad[1:])})" if len(bad) > 1 else ""
             raise ConfigError(f"config: {bad[0]}{more}")
         return self
+
+
+def _leaves(node, prefix: str = ""):
+    """(dotted name, field, value) of every key under a config dataclass, nested sections included."""
+    for f in dataclasses.fields(node):
+        v = getattr(node, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _leaves(v, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, v
 
 
 _TYPES = {int: "an int", float: "a number", str: "a string", bool: "true/false"}
@@ -469,17 +511,25 @@ def describe(cfg: Config | None = None) -> str:
     lines = [f"# slim-rl configuration: every key, its {what} and meaning.",
              "# Set keys in a YAML file (--config FILE) or as section.key=value overrides."]
     base = cfg if cfg is not None else Config()
-    for sec in dataclasses.fields(base):
-        section = getattr(base, sec.name)
-        lines.append(f"{sec.name}:")
-        types_ = _field_types(type(section))
-        for f in dataclasses.fields(section):
+
+    def section(node, indent: str) -> None:
+        types_ = _field_types(type(node))
+        for f in dataclasses.fields(node):
+            v = getattr(node, f.name)
+            if dataclasses.is_dataclass(v):
+                lines.append(f"{indent}{f.name}:")
+                section(v, indent + "  ")
+                continue
             meta = f.metadata
             allowed = "|".join(map(str, meta["choices"])) if meta.get("choices") else _range_text(meta)
             typ = types_[f.name].__name__ if isinstance(types_[f.name], type) else str(types_[f.name])
-            val = yaml.safe_dump(getattr(section, f.name), default_flow_style=True).strip()
+            val = yaml.safe_dump(v, default_flow_style=True).strip()
             if val.endswith("..."):
                 val = val[:-3].strip()
             doc = meta.get("doc", "")
-            lines.append(f"  {f.name}: {val}".ljust(34) + f"  # {typ}{' ' + allowed if allowed else ''}: {doc}")
+            lines.append(f"{indent}{f.name}: {val}".ljust(34) + f"  # {typ}{' ' + allowed if allowed else ''}: {doc}")
+
+    for sec in dataclasses.fields(base):
+        lines.append(f"{sec.name}:")
+        section(getattr(base, sec.name), "  ")
     return "\n".join(lines)

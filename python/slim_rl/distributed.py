@@ -104,16 +104,25 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
 
-def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module, *, mp_policy=None,
+              cpu_offload: bool = False) -> torch.nn.Module:
     """FSDP2 ``fully_shard``: each decoder layer of ``model`` (the HF model inside ``module``) is a unit and
     ``module`` is the root unit, which also holds the embeddings, the final norm and the LM head (so the
-    head weight is whole inside the root's forward). Returns ``module`` (sharded in place)."""
-    from torch.distributed.fsdp import fully_shard
+    head weight is whole inside the root's forward). Returns ``module`` (sharded in place).
 
+    ``mp_policy``: a ``MixedPrecisionPolicy`` (fp32 shards, compute-dtype all-gathers, fp32 reduce-scatter);
+    ``cpu_offload``: ``CPUOffloadPolicy`` (shards, gradients and so the AdamW state live in CPU memory)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    kw: dict[str, Any] = {}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    if cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     decoder = getattr(model, "model", None)
     for layer in getattr(decoder, "layers", []):
-        fully_shard(layer)
-    fully_shard(module)
+        fully_shard(layer, **kw)
+    fully_shard(module, **kw)
     return module
 
 

@@ -72,8 +72,9 @@ def sft(trainer, *, progress: bool = True, log=None) -> list[dict[str, float]]:
         if mine.numel() == 0:
             mine, scale = torch.arange(1), 0.0
         opt.zero_grad(set_to_none=True)
-        logp = trainer.scorer(prompt[mine].to(dev), ppad[mine].to(dev), clean[mine].to(dev), noisy[mine].to(dev),
-                              clean[mine].to(dev), noise[mine].to(dev))
+        with trainer.autocast():
+            logp = trainer.scorer(prompt[mine].to(dev), ppad[mine].to(dev), clean[mine].to(dev),
+                                  noisy[mine].to(dev), clean[mine].to(dev), noise[mine].to(dev))
         loss = -logp.sum() * scale
         loss.backward()
         local = float(loss.detach())

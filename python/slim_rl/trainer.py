@@ -45,6 +45,8 @@ import slim_ops
 from slim_ops.layout import BlockLayout
 from slim_rl import checkpoint as C
 from slim_rl import distributed as D
+from slim_rl import lora as LoRA
+from slim_rl import precision as P
 from slim_rl.advantages import compute_advantages
 from slim_rl.config import Config, save_config, to_dict
 from slim_rl.errors import ConfigError, TrainingError
@@ -56,7 +58,7 @@ __all__ = ["RolloutBatch", "Scorer", "Trainer", "TrainingError", "build_model", 
 _PER_UNIT = ("clip_frac", "ratio_mean", "clip_frac_delta")
 _PER_TOKEN = ("entropy",)
 _SLIM_ATTN = "slim_block_diffusion"  # slim_ops.integrations.hf.ATTN_NAME
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = P.DTYPES
 
 
 def seeded(*keys: int | str) -> torch.Generator:
@@ -69,11 +71,13 @@ def seeded(*keys: int | str) -> torch.Generator:
 
 
 def build_model(cfg: Config, device: str = "cpu") -> torch.nn.Module:
-    """A tiny random model (``model.path`` empty) or a local checkpoint, on ``device``."""
+    """A tiny random model (``model.path`` empty) or a local checkpoint, on ``device``, its parameters in
+    ``model.master_dtype`` (the compute dtype is applied by the trainer), with LoRA adapters when
+    ``model.lora.r > 0``."""
     from slim_rl import models
 
     mc = cfg.model
-    dtype = _DTYPES[mc.dtype]
+    dtype = _DTYPES[mc.master_dtype]
     if mc.path:
         model = models.load(mc.path, mc.family, dtype=dtype)
     else:
@@ -84,6 +88,8 @@ def build_model(cfg: Config, device: str = "cpu") -> torch.nn.Module:
         from slim_ops.integrations import hf
 
         model.set_attn_implementation(hf.register())
+    if mc.lora.r > 0:
+        LoRA.apply(model, mc.lora.r, mc.lora.alpha, mc.lora.dropout, mc.lora.target_modules, seed=mc.seed)
     return model.to(device)
 
 
@@ -161,6 +167,10 @@ class Scorer(torch.nn.Module):
         if noisy.dim() == 3:
             h = h.reshape(-1, h.shape[2], h.shape[3])
         head = self.model.get_output_embeddings().weight
+        dev = h.device.type
+        if torch.is_autocast_enabled(dev):  # mixed precision: the head's product in the compute dtype too
+            dt = torch.get_autocast_dtype(dev)
+            h, head = h.to(dt), head.to(dt)
         return slim_ops.masked_logprob(h[loss_mask], head, labels[loss_mask], return_entropy=return_entropy)
 
 
@@ -237,10 +247,27 @@ class Trainer:
         self.strategy = cfg.dist.strategy if self.info.active else "single"
         self.fsdp = self.strategy == "fsdp"
         self.ddp = self.strategy == "ddp"
+        # mixed precision: parameters (master) in their own dtype, forwards in model.dtype (docs/trainer.md)
+        self.compute_dtype = _DTYPES[cfg.model.dtype]
+        self.master_dtype = next(self.model.parameters()).dtype
+        self.lora = LoRA.has_adapters(self.model)
+        if cfg.dist.cpu_offload and not self.fsdp:
+            raise ConfigError("config: dist.cpu_offload=true needs FSDP2 under torchrun (dist.strategy=fsdp, "
+                              "launched with torchrun --nproc_per_node=N, N >= 2)")
+        if cfg.model.gradient_checkpointing:
+            # per decoder layer, non-reentrant (frozen LoRA bases and int inputs need no grad); before fully_shard
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers >= 5.2x names it so
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._decode_copy = P.DecodeCopy(self.model, self.compute_dtype)
         scorer = Scorer(self.model, cfg.rollout.block_size)
         if self.fsdp:
             D.broadcast_parameters(self.model, self.info)
-            self.scorer = D.wrap_fsdp(scorer, self.model)
+            self.scorer = D.wrap_fsdp(scorer, self.model, mp_policy=P.fsdp_policy(self.compute_dtype,
+                                                                                 self.master_dtype),
+                                      cpu_offload=cfg.dist.cpu_offload)
             self._warm_up()  # FSDP2 sets up its root in the first forward: every rank together
             self.reshard()   # the root keeps its weights gathered after a forward; the optimizer needs shards
         elif self.ddp:
@@ -248,7 +275,8 @@ class Trainer:
         else:
             self.scorer = scorer
         oc = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.optimizer = torch.optim.AdamW(trainable, lr=oc.lr, betas=(oc.beta1, oc.beta2),
                                            eps=oc.eps, weight_decay=oc.weight_decay)
         self.step = 0            # RL steps done
         self.updates = 0         # optimizer steps done
@@ -266,7 +294,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         # objective.kl_reference=ref: a frozen copy of the model as RL starts (see init_reference)
         self.ref_scorer: Scorer | None = None
-        if cfg.objective.kl_reference == "ref" and self.fsdp:
+        if cfg.objective.kl_reference == "ref" and self.fsdp and not self.lora:
             raise ConfigError("config: objective.kl_reference=ref needs dist.strategy=ddp (under fsdp the frozen "
                               "reference would be a second unsharded model on every rank)")
 
@@ -350,6 +378,18 @@ class Trainer:
                         self._tb.add_scalar(k, v, record.get("step", 0))
 
     # ------------------------------------------------------------------ generation / evaluation
+    def autocast(self):
+        """The training forward's precision context: autocast to ``model.dtype`` over master weights (one
+        process and DDP); FSDP2 casts through its MixedPrecisionPolicy instead."""
+        return P.autocast(self.device, self.compute_dtype, self.master_dtype, enabled=not self.fsdp)
+
+    def decode_model(self):
+        """Context giving the model to decode with: a compute-dtype copy of the master weights, made once
+        per rollout and dropped after (FSDP2: the gathered weights, already in the compute dtype)."""
+        if self.fsdp:
+            return contextlib.nullcontext(self.model)
+        return self._decode_copy()
+
     @contextlib.contextmanager
     def gathered(self):
         """FSDP2: the whole weights on every rank for a stretch of decoding (ranks decode different
@@ -372,8 +412,8 @@ class Trainer:
         rc = self.cfg.rollout
         was_training = self.model.training
         self.model.eval()
-        with torch.no_grad():
-            out = generate(self.model, prompts, block_size=rc.block_size, max_new_tokens=rc.max_new_tokens,
+        with torch.no_grad(), self.decode_model() as model:
+            out = generate(model, prompts, block_size=rc.block_size, max_new_tokens=rc.max_new_tokens,
                            steps_per_block=rc.steps_per_block or None, strategy=rc.strategy, tau=rc.tau,
                            m=rc.m, temperature=temperature, top_k=rc.top_k, top_p=rc.top_p,
                            generator=generator, batch_size=rc.batch_size or None, gamma=rc.gamma,
@@ -505,11 +545,19 @@ class Trainer:
             self.ref_scorer = Scorer(ref, self.cfg.rollout.block_size)
         return self.ref_scorer
 
+    def _logp_ref(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probs under the frozen reference: with LoRA, the base model itself (adapters switched off,
+        through the same wrapped scorer); else the copy taken at the RL start."""
+        if self.lora:
+            with LoRA.disabled(self.model):
+                return self._logp_old(rows)
+        return self._logp_old(rows, self.reference())
+
     def init_reference(self) -> None:
         """``objective.kl_reference=ref``: at the RL start the model is copied and saved to
         ``out_dir/reference`` (collective); a resumed run loads that copy instead."""
-        if self.cfg.objective.kl_reference != "ref" or self.ref_scorer is not None:
-            return
+        if self.cfg.objective.kl_reference != "ref" or self.ref_scorer is not None or self.lora:
+            return  # LoRA: the reference is the base model (adapters off), nothing to copy or save
         where = os.path.join(self.out_dir, "reference")
         if self.step == 0:
             self.claim_folder()
@@ -553,8 +601,9 @@ class Trainer:
         if g > 1:
             noisy = noisy.view(first.numel(), g, -1)
         mask = take("loss_mask")
-        out = (scorer or self.scorer)(take("prompt", first), take("prompt_pad", first), take("clean", first),
-                                      noisy, take("clean"), mask, return_entropy)
+        with self.autocast():
+            out = (scorer or self.scorer)(take("prompt", first), take("prompt_pad", first), take("clean", first),
+                                          noisy, take("clean"), mask, return_entropy)
         return out, mask
 
     @torch.no_grad()
@@ -649,7 +698,7 @@ class Trainer:
             return rec
         n = rows["rows"]
         logp_old = self._logp_old(rows)
-        logp_ref = self._logp_old(rows, self.reference()) if self.cfg.objective.kl_reference == "ref" else None
+        logp_ref = self._logp_ref(rows) if self.cfg.objective.kl_reference == "ref" else None
         token_mean = self.cfg.objective.loss_agg == "token-mean"
         W = self.info.world
         params = [p for p in self.model.parameters() if p.requires_grad]

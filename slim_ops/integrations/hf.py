@@ -93,6 +93,13 @@ def block_diffusion_attention_forward(
     if layout is not None:
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"block_layout must be a slim_ops.BlockLayout, got {type(layout).__name__}")
+        dev = query.device.type
+        if torch.is_autocast_enabled(dev):
+            # mixed precision (fp32 weights, autocast compute): the projections' outputs arrive in mixed
+            # dtypes (q/k through an fp32 norm, v straight from a linear); attention computes in the
+            # autocast dtype, as SDPA does under autocast
+            dt = torch.get_autocast_dtype(dev)
+            query, key, value = query.to(dt), key.to(dt), value.to(dt)
         o = block_diffusion_attention(query, key, value, layout, scale=scaling, backend=block_backend)
         return o.transpose(1, 2).contiguous(), None
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
