@@ -747,6 +747,7 @@ class Trainer:
                 else:
                     skipped += 1
                     self.bad_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         tot = D.all_gather_objects((sums, wsum), self.info)
         keys = {k for s, _ in tot for k in s}
         for k in sorted(keys):

@@ -75,9 +75,17 @@ def test_first_update_equals_fp32_within_bf16_rounding(tmp_path):
     start = _flat(ref.model)
     assert torch.equal(start, _flat(mix.model))
     batch = _fixed_batch(ref.pad_id, ref.eos_id)
+    grads = {}
+    for name, tr in (("fp32", ref), ("bf16", mix)):
+        step = tr.optimizer.step
+
+        def record(*a, _step=step, _tr=tr, _name=name, **kw):  # the gradient the optimizer steps with
+            grads[_name] = torch.cat([p.grad.reshape(-1) for p in _tr.model.parameters()])
+            return _step(*a, **kw)
+
+        tr.optimizer.step = record
     r1, r2 = ref.update(batch, 1), mix.update(batch, 1)
-    g1 = torch.cat([p.grad.reshape(-1) for p in ref.model.parameters()])
-    g2 = torch.cat([p.grad.reshape(-1) for p in mix.model.parameters()])
+    g1, g2 = grads["fp32"], grads["bf16"]
     assert g2.dtype == torch.float32
     rel = float((g1 - g2).norm() / g1.norm())
     assert rel <= 3e-2, rel
