@@ -112,3 +112,19 @@ def pick(op: str, device: torch.device, backend: str | None = None,
         if _why_not(b, device, op, supported) is None:
             return b
     return "torch"
+
+
+def autocast_off(fn):
+    """Run an op's implementation exactly as written under an enclosing ``torch.autocast``: a custom op is
+    opaque to autocast, but the torch calls inside it would otherwise be autocast one by one (fp32
+    accumulations silently turned into bf16 matmuls, mixed dtypes in one expression)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+            return fn(*args, **kwargs)
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -86,7 +86,8 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     w = build_model(warm)
     wb = micro_batch(w, 2, spec["group"], 2, cfg.rollout.block_size)
     with P.autocast("cpu", P.dtype_of(cfg.model.dtype), torch.float32):
-        Scorer(w, cfg.rollout.block_size)(*wb).sum().backward()
+        out = Scorer(w, cfg.rollout.block_size)(*wb)
+    out.sum().backward()
     torch.optim.AdamW(w.parameters()).step()
     del w, wb
     base = rss_bytes()

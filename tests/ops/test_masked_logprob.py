@@ -50,6 +50,18 @@ def _run(backend, h, w, y, up, temperature):
     return logp.detach(), ent, h.grad, w.grad
 
 
+@pytest.mark.parametrize("backend", ["torch"])
+def test_masked_logprob_under_autocast_keeps_fp32(backend, small_torch_tiles):
+    """Under an enclosing torch.autocast (a mixed-precision trainer), forward and backward (here inside the
+    autocast region too) compute as written: fp32 inputs give the fp32 result, not bf16-rounded matmuls."""
+    h, w, y, up = _inputs(37, 40, 1151, torch.float32)
+    exp = _fp64_reference(h, w, y, up, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(backend, h, w, y, up, 1.0)
+    for name, a, e in zip(("logp", "entropy", "dhidden", "dweight"), got, exp):
+        assert_close(a, e, name=f"{backend} under autocast {name}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N, d, V, temperature", [(37, 40, 1151, 1.0), (1, 24, 1151, 0.7), (5, 16, 200, 1.3)])
 def test_masked_logprob_fp32(backend, N, d, V, temperature, small_torch_tiles):

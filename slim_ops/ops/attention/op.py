@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from slim_ops._backend import _has_triton, pick, triton_interpret
+from slim_ops._backend import _has_triton, autocast_off, pick, triton_interpret
 from slim_ops.layout import BlockLayout
 from slim_ops.ops.attention.reference import attention_bwd_chunked, attention_fwd_chunked
 
@@ -72,7 +72,7 @@ def _bda_torch(
     scale: float,
 ) -> torch.Tensor:
     layout = _layout_from(prompt_pad, prompt_len, response_len, block_size, num_noisy, q_start)
-    return attention_fwd_chunked(q, k, v, layout, scale)
+    return autocast_off(attention_fwd_chunked)(q, k, v, layout, scale)
 
 
 @_bda_torch.register_fake
@@ -95,7 +95,7 @@ def _bda_torch_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _layout_from(prompt_pad, prompt_len, response_len, block_size, num_noisy, q_start)
-    return attention_bwd_chunked(do, q, k, v, layout, scale)
+    return autocast_off(attention_bwd_chunked)(do, q, k, v, layout, scale)
 
 
 @_bda_torch_bwd.register_fake

@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from slim_ops._backend import pick
+from slim_ops._backend import autocast_off, pick
 
 # torch backend tile: at most this many fp32 logits live at once (plus a few same-sized temporaries);
 # CPU tiles stay cache-friendly, GPU tiles are large enough to keep the GEMMs efficient
@@ -62,6 +62,7 @@ def _chunks(N: int, V: int, cuda: bool = False) -> tuple[int, int]:
     return rc, min(vc, V)
 
 
+@autocast_off
 def _masked_logprob_fwd_torch(hidden, weight, labels, temperature: float, with_entropy: bool):
     """Online logsumexp over vocabulary chunks. With s = Σ exp(z − m) and the centred
     t = Σ exp(z − m)·(z − m) about the running max m, the entropy is log s − t/s."""
@@ -98,6 +99,7 @@ def _masked_logprob_fwd_torch(hidden, weight, labels, temperature: float, with_e
     return logp, lse, ent
 
 
+@autocast_off
 def _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperature: float, need_dh: bool = True,
                               need_dw: bool = True):
     """dz = g·(onehot − softmax)/T recomputed per tile; dW written once per vocabulary chunk. A gradient
@@ -135,6 +137,7 @@ def _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperatur
     return dh.to(hidden.dtype), dw
 
 
+@autocast_off
 def _logprob_from_logits_fwd_torch(logits, labels, temperature: float, with_entropy: bool):
     N, V = logits.shape
     rc = max(1, min(N, TORCH_TILE_ELEMS // max(V, 1)))
@@ -151,6 +154,7 @@ def _logprob_from_logits_fwd_torch(logits, labels, temperature: float, with_entr
     return logp, lse, ent
 
 
+@autocast_off
 def _logprob_from_logits_bwd_torch(grad_logp, logits, labels, lse, temperature: float):
     N, V = logits.shape
     rc = max(1, min(N, TORCH_TILE_ELEMS // max(V, 1)))
