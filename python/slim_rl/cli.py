@@ -103,6 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the run's latest)")
     p.add_argument("--to", required=True, help="new folder to write (must not exist or be empty)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype of the written weights (default: model.dtype, the compute dtype)")
     p = sub.add_parser("compare", help="slim vs baselines (tracerl, random), same rollout budget -> JSON + plots")
     _common(p, "results folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -119,6 +121,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize-only", action="store_true", help="only write summaries from the finished runs")
     p.add_argument("--sft-seed", type=int, default=None,
                    help="one SFT run (this seed) as every seed's RL start (default: one SFT run per seed)")
+    p = sub.add_parser("plan", help="predicted per-GPU peak memory of a rollout and a training micro-batch, "
+                                    "from the model's config.json, and settings that fit")
+    _common(p)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) of the run (default 1)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt tokens L0 (default 256)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="where the run computes")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p = sub.add_parser("config", help="every config key with its default (or resolved value) and meaning")
     _common(p)
     sub.add_parser("demo-decode", help="the decode-step demo (one τ-budget step on random logits)")
@@ -176,6 +186,17 @@ def _main(argv: list[str] | None) -> None:
         given = args.config is not None or args.overrides or args.out
         print(describe(_load(args) if given else None))
         return
+    if args.cmd == "plan":
+        from slim_rl.config import load_config
+        from slim_rl.errors import ConfigError
+        from slim_rl.plan import format_plan, plan
+
+        if args.gpus < 1 or args.gpu_mem <= 0 or args.prompt_len < 1:
+            raise ConfigError("plan: --gpus and --prompt-len must be >= 1 and --gpu-mem > 0")
+        cfg = load_config(args.config, list(args.overrides))  # no file checks: only config.json is read
+        res = plan(cfg, gpus=args.gpus, gpu_mem_gb=args.gpu_mem, device=args.device, prompt_len=args.prompt_len)
+        print(json.dumps(res, indent=2) if args.json else format_plan(res))
+        return
     cfg = _load(args, run_config=args.cmd in ("eval", "export"))
     if args.cmd in ("demo", "train"):
         from slim_rl.runs import check_run_folder
@@ -209,6 +230,13 @@ def _main(argv: list[str] | None) -> None:
 
         model = build_model(cfg, "cpu")
         step = load_weights(path, model)
+        from slim_rl import lora
+
+        if lora.has_adapters(model):
+            lora.merge(model)  # a plain checkpoint: the adapters folded into the base weights
+        from slim_rl.precision import dtype_of
+
+        model.to(dtype_of(args.dtype or cfg.model.dtype))
         export_model(model, args.to, tokenizer=cfg.task.tokenizer or None)
         print(f"wrote {args.to} (step {step} of {path}); load it with slim_rl.models.load({args.to!r}, "
               f"{cfg.model.family!r}) or transformers.AutoModelForCausalLM.from_pretrained")
