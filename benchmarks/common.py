@@ -91,3 +91,42 @@ def peak_memory_reset(device: str) -> None:
 
 def peak_memory_mb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+
+
+def _cpu_ticks() -> dict[int, tuple[str, int]]:
+    """pid -> (command, user + system clock ticks) of every process (Linux /proc)."""
+    out: dict[int, tuple[str, int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        out[int(d)] = (name, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def machine_load(sample_s: float = 1.0, busy_share: float = 0.1) -> dict[str, object]:
+    """How busy the machine is, apart from this process: the 1/5/15-minute load averages and the other
+    processes that used more than ``busy_share`` of a core over a ``sample_s`` window. ``quiet`` is True when
+    no other process was busy (load averages are recorded but not judged: a benchmark's own earlier work
+    raises them)."""
+    t0 = _cpu_ticks()
+    time.sleep(sample_s)
+    t1 = _cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    busy = []
+    for pid, (name, ticks) in t1.items():
+        if pid == me or pid not in t0:
+            continue
+        share = (ticks - t0[pid][1]) / hz / sample_s
+        if share > busy_share:
+            busy.append({"pid": pid, "command": name, "cpu_share": round(share, 2)})
+    la = os.getloadavg()
+    return {"loadavg_1m": la[0], "loadavg_5m": la[1], "loadavg_15m": la[2], "cores": os.cpu_count(),
+            "busy_processes": busy, "quiet": not busy, "sampled_s": sample_s}

@@ -71,7 +71,8 @@ class ModelConfig:
                          choices=("dense", "slim"))
     gradient_checkpointing: bool = key(False, "activation checkpointing per decoder layer: recompute each layer's "
                                        "activations in the backward instead of keeping them")
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(),
+                             metadata={"doc": "LoRA adapters through PEFT (r = 0: off, every weight trains)"})
 
 
 @dataclass
@@ -517,7 +518,7 @@ def describe(cfg: Config | None = None) -> str:
         for f in dataclasses.fields(node):
             v = getattr(node, f.name)
             if dataclasses.is_dataclass(v):
-                lines.append(f"{indent}{f.name}:")
+                lines.append(f"{indent}{f.name}:".ljust(34) + f"  # section: {f.metadata.get('doc', '')}")
                 section(v, indent + "  ")
                 continue
             meta = f.metadata

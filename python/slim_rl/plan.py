@@ -302,18 +302,25 @@ def _suggest(cfg: Config, s: ModelShape, st: Setting, budget: float) -> list[dic
     while dec > 1:
         dec = max(1, dec // 2)
         steps.append((f"rollout.batch_size={dec}", {"decode_rows": dec}))
-    found: list[dict[str, Any]] = []
-    chosen: list[str] = []
-    cur = dict(base)
+    def peaks(changes: dict[str, dict[str, Any]]) -> tuple[float, float]:
+        trial = Setting(**{**base, **{k: v for ch in changes.values() for k, v in ch.items()}})
+        return predict_train(s, trial)["peak"], predict_rollout(s, trial)["peak"]
+
+    chosen: dict[str, dict[str, Any]] = {}   # override text -> its change, in the order taken
     for text, change in steps:
-        cur.update(change)
-        chosen = [c for c in chosen if c.split("=")[0] != text.split("=")[0]] + [text]
-        trial = Setting(**cur)
-        tr, ro = predict_train(s, trial), predict_rollout(s, trial)
-        if max(tr["peak"], ro["peak"]) <= budget:
-            found.append({"overrides": list(chosen), "train_peak_bytes": tr["peak"], "rollout_peak_bytes": ro["peak"]})
+        key = text.split("=")[0]
+        chosen = {t: c for t, c in chosen.items() if t.split("=")[0] != key}
+        chosen[text] = change
+        if max(peaks(chosen)) <= budget:
             break
-    return found
+    else:
+        return []
+    for text in list(chosen):  # drop what the later changes made unnecessary
+        rest = {t: c for t, c in chosen.items() if t != text}
+        if max(peaks(rest)) <= budget:
+            chosen = rest
+    tr, ro = peaks(chosen)
+    return [{"overrides": list(chosen), "train_peak_bytes": tr, "rollout_peak_bytes": ro}]
 
 
 def _gb(x: float) -> str:

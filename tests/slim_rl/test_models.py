@@ -436,7 +436,10 @@ def test_sdar4b_config_runs_on_a_published_layout_checkpoint(tmp_path):
     cfg = check_files(load_config(os.path.join(root, "sdar4b.yaml"), over))
     assert (cfg.model.family, cfg.model.attention, cfg.dist.strategy) == ("sdar", "slim", "fsdp")
     tr = Trainer(cfg)
-    assert next(tr.model.parameters()).dtype == torch.bfloat16
+    # the paper's numerics: fp32 master weights, bf16 compute (forwards, rollouts)
+    assert next(tr.model.parameters()).dtype == torch.float32 and tr.compute_dtype == torch.bfloat16
+    with tr.decode_model() as m:
+        assert next(m.parameters()).dtype == torch.bfloat16
     tr.train()
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         assert sum("reward" in json.loads(line) for line in f if line.strip()) == 1

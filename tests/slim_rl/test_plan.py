@@ -90,3 +90,38 @@ def test_plan_prints_the_table_for_sdar4b(tmp_path):
     # a user error is one line
     bad = _plan("--config", "configs/sdar4b.yaml", "model.path=/nonexistent")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+# The published configurations' shapes (config.json fields as released; no weights needed)
+PUBLISHED = {
+    "SDAR-8B-Chat": ("sdar", 8.19e9, {"model_type": "sdar", "vocab_size": 151936, "hidden_size": 4096,
+                                      "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+                                      "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+                                      "rope_theta": 1000000, "tie_word_embeddings": False}),
+    "LLaDA-8B-Instruct": ("llada", 8.02e9, {"model_type": "llada", "d_model": 4096, "n_heads": 32,
+                                             "n_kv_heads": 32, "n_layers": 32, "mlp_hidden_size": 12288,
+                                             "vocab_size": 126464, "embedding_size": 126464, "block_type": "llama",
+                                             "activation_type": "silu", "rope": True, "rope_theta": 500000.0,
+                                             "max_sequence_length": 4096, "weight_tying": False,
+                                             "layer_norm_type": "rms", "rms_norm_eps": 1e-5}),
+    "Dream-v0-Instruct-7B": ("dream", 7.62e9, {"model_type": "Dream", "vocab_size": 152064, "hidden_size": 3584,
+                                                "intermediate_size": 18944, "num_hidden_layers": 28,
+                                                "num_attention_heads": 28, "num_key_value_heads": 4,
+                                                "hidden_act": "silu", "rope_theta": 1000000.0,
+                                                "tie_word_embeddings": False}),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_plan_reads_published_configs(tmp_path, name):
+    family, params, raw = PUBLISHED[name]
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(raw))
+    r = _plan("--config", "configs/sdar4b.yaml", f"model.family={family}", f"model.path={d}", "--gpus", "8",
+              "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads(r.stdout)
+    assert p["model"].startswith(f"{family} (")
+    assert float(p["model"].split(") ")[1].split("B")[0]) == pytest.approx(params / 1e9, abs=0.02)
+    assert p["rollout"]["kv_cache"] > 0 if family == "sdar" else p["rollout"]["kv_cache"] == 0
