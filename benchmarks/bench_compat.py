@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
-from benchmarks.common import metadata, write_json  # noqa: E402
+from benchmarks.common import add_load_flag, machine_load, metadata, write_result  # noqa: E402
 from slim_ops import compat  # noqa: E402
 
 NINF = float("-inf")
@@ -139,7 +139,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     ap.add_argument("--no-write", action="store_true")
+    add_load_flag(ap)
     a = ap.parse_args()
+    load_before = machine_load()
     R, K, V = a.rows, a.block, a.vocab
     mask_id = V - 1
     g = torch.Generator().manual_seed(0)
@@ -193,7 +195,8 @@ def main() -> None:
                         "reps": a.reps, "masked_fraction": float(mask.float().mean())},
                "results": results}
     if not a.no_write:
-        print("wrote", write_json(a.out, "bench_compat", payload))
+        print("wrote", write_result(a.out, "bench_compat", payload, load_before=load_before,
+                                    allow_loaded=a.allow_loaded))
 
 
 if __name__ == "__main__":

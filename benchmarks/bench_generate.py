@@ -44,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
 
 import slim_ops  # noqa: E402
+from benchmarks.common import add_load_flag, load_fields, machine_load  # noqa: E402
 from slim_rl.generate import generate  # noqa: E402
 from slim_rl.models import tiny  # noqa: E402
 
@@ -316,7 +317,9 @@ def main(argv=None):
     ap.add_argument("--caches", action="store_true", help="only the LLaDA cache comparison (none/prefix/dual)")
     ap.add_argument("--demo-llada", action="store_true", help="with --caches: also the demo task accuracy")
     ap.add_argument("--backend", default=None, help="with --caches: decode-step backend (default: auto)")
+    add_load_flag(ap)
     args = ap.parse_args(argv)
+    args.load_before = machine_load()
     if args.caches:
         return main_caches(args)
     torch.set_num_threads(args.threads)
@@ -352,6 +355,7 @@ def main(argv=None):
         "results": res,
         "other_families": fam,
     }
+    record.update(load_fields("bench_generate", args.load_before, args.allow_loaded))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench_generate_{device.type}_{time.strftime('%Y%m%dT%H%M%S')}.json")
     with open(path, "w") as f:
@@ -393,6 +397,7 @@ def main_caches(args):
         },
         "backend": args.backend or "auto", "results": rows, "demo_task": demo,
     }
+    record.update(load_fields("bench_generate", args.load_before, args.allow_loaded))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"bench_generate_caches_{device.type}_{time.strftime('%Y%m%dT%H%M%S')}.json")
     with open(path, "w") as f:

@@ -34,7 +34,7 @@ import torch
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import slim_ops  # noqa: E402
-from benchmarks.common import metadata, time_fn, write_json  # noqa: E402
+from benchmarks.common import add_load_flag, machine_load, metadata, time_fn, write_result  # noqa: E402
 from slim_ops.ops.masked_logprob.reference import masked_logprob_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -206,7 +206,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--memory-child", default=None)
     ap.add_argument("--skip-memory", action="store_true")
+    add_load_flag(ap)
     args = ap.parse_args()
+    if args.memory_child is None:
+        load_before = machine_load()
     if args.memory_child:
         args.d = args.d or 256
         args.dtype = args.dtype or "fp32"
@@ -231,7 +234,8 @@ def main() -> None:
                               reps=5 if N > 4096 else 10, warmup=2)
         results += logits_section("cuda", 1024, args.V)
         results += policy_section("cuda", 256, 256)
-    path = write_json(args.out, "bench_logprob", {"meta": meta, "results": results})
+    path = write_result(args.out, "bench_logprob", {"meta": meta, "results": results}, load_before=load_before,
+                        allow_loaded=args.allow_loaded)
     print(f"wrote {path}")
 
 

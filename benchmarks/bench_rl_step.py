@@ -20,7 +20,10 @@ relative L2 error <= 1e-3. Rewards are fixed per sample (samples 0 and 1 of each
 so every group has an advantage whatever the random model writes.
 
 Per phase: wall seconds, tokens/s (rollout: generated tokens / s, and forwards (NFE); update: trained
-loss tokens / s) and the peak resident memory above the process's baseline (CPU; CUDA: max allocated).
+loss tokens / s) and the peak memory the phase adds above what was in use before it (the model built): CPU,
+resident memory (VmHWM after a reset, glibc returning large blocks at once); CUDA, max allocated. The random
+model's LM head is drawn with std 0.2 (CPU preset): logits spread like a trained model's (std ~4.5), so no path
+pays for exp() underflow that real logits would not cause.
 The update phase is the old log-probs plus the update (the rows are built in both).
 
 Usage:  python benchmarks/bench_rl_step.py --preset cpu [--out benchmarks/results/cpu]
@@ -46,16 +49,16 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
 PRESETS = {
     # Qwen3/SDAR-shaped, hidden 512, 4 layers, 8 query / 2 KV heads, V = 151936, fp32
     "cpu": dict(vocab=151936, hidden=512, layers=4, heads=8, kv_heads=2, inter=1024, dtype="float32", K=16,
-                prompts=8, prompt_len=64, G=4, new_tokens=64, nodes=3, micro_rows=24, ref_micro_rows=6,
-                device="cpu", head_std=1.0),
+                prompts=8, prompt_len=64, G=4, new_tokens=64, nodes=3, micro_rows=24, ref_micro_rows=24,
+                device="cpu", head_std=0.2),
     # a small shape for the test-suite: the same code paths in seconds
     "tiny": dict(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, inter=128, dtype="float32", K=8,
                  prompts=3, prompt_len=16, G=4, new_tokens=24, nodes=3, micro_rows=12, ref_micro_rows=5,
                  device="cpu", head_std=0.3),
     # SDAR-4B layer shapes with 4 layers, bf16 compute
     "sdar4b": dict(vocab=151936, hidden=2560, layers=4, heads=32, kv_heads=8, inter=9728, dtype="bfloat16", K=16,
-                   prompts=16, prompt_len=128, G=8, new_tokens=256, nodes=3, micro_rows=48, ref_micro_rows=6,
-                   device="cuda", head_std=0.25),
+                   prompts=16, prompt_len=128, G=8, new_tokens=256, nodes=3, micro_rows=48, ref_micro_rows=48,
+                   device="cuda", head_std=0.1),
 }
 PATHS = ("slim", "reference", "ref+decode", "ref+attention", "ref+logprob")
 TAU, M = 0.9, 1.0
@@ -92,6 +95,14 @@ def _peak(device: str, base: int) -> int:
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated()) - base
     return _hwm() - base
+
+
+def _base(device: str) -> int:
+    """Memory in use before a phase (the model built): the phase's peak is reported above it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return int(torch.cuda.memory_allocated())
+    return _rss()
 
 
 def _sync(device: str) -> None:
@@ -147,7 +158,6 @@ def run_slim(p: dict, device: str, tmp: str) -> dict:
         def eval_set(self):
             return []
 
-    base = torch.cuda.memory_allocated() if device == "cuda" else _rss()
     cfg = _config(p, tmp)
     tr = Trainer(cfg, model=_model(p, device), task=FixedTask(), device=device)
     tr._rewards = lambda out, examples: _rewards(len(out.sequences), p["G"])
@@ -174,6 +184,7 @@ def run_slim(p: dict, device: str, tmp: str) -> dict:
 
     tr.optimizer.step = record
     # rollout
+    base = _base(device)
     _reset_peak(device)
     _sync(device)
     t0 = time.perf_counter()
@@ -185,6 +196,7 @@ def run_slim(p: dict, device: str, tmp: str) -> dict:
     rec["model_calls"] = int(batch.stats.get("model_calls", 0.0))  # batched forward calls
     rec["generated_tokens"] = int(batch.response_len.sum())
     # update: rows + old log-probs + update
+    base = _base(device)
     _reset_peak(device)
     t0 = time.perf_counter()
     urec = tr.update(batch, 1)
@@ -367,7 +379,6 @@ def update_ref(model, rows, p: dict, device: str, *, slim_attn: bool, fused_logp
 
 
 def run_ref(p: dict, device: str, variant: str) -> dict:
-    base = torch.cuda.memory_allocated() if device == "cuda" else _rss()
     model = _model(p, device)
     slim_attn = variant == "ref+attention"
     if slim_attn:
@@ -377,6 +388,7 @@ def run_ref(p: dict, device: str, variant: str) -> dict:
     prompts = _prompts(p)
     flat = [q for q in prompts for _ in range(p["G"])]
     rec: dict = {}
+    base = _base(device)
     _reset_peak(device)
     _sync(device)
     t0 = time.perf_counter()
@@ -388,6 +400,7 @@ def run_ref(p: dict, device: str, variant: str) -> dict:
     rec["nfe"] = nfe
     rec["model_calls"] = nfe
     rec["generated_tokens"] = int(lens.sum())
+    base = _base(device)
     _reset_peak(device)
     t0 = time.perf_counter()
     rows = _rows(p, tokens, lens, model.pad_id, model.mask_id, flat)
@@ -454,9 +467,12 @@ def main() -> None:
         for path in args.paths:
             out = os.path.join(tmp, f"{path}.pt")
             t0 = time.time()
+            # glibc hands large blocks straight back to the system: the resident size follows the live tensors
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+                   "MALLOC_ARENA_MAX": "1"}
             r = subprocess.run([sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--threads",
                                 str(args.threads), "--worker", path, "--worker-out", out],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 raise SystemExit(f"{path} failed:\n{r.stderr[-4000:]}")
             raw[path] = torch.load(out, weights_only=False)

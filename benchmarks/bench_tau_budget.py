@@ -35,7 +35,7 @@ import torch
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
 import slim_ops  # noqa: E402
-from benchmarks.common import metadata, sync, write_json  # noqa: E402
+from benchmarks.common import add_load_flag, machine_load, metadata, sync, write_result  # noqa: E402
 from slim_ops import _backend  # noqa: E402
 from slim_ops.ops.tau_budget.op import _params  # noqa: E402
 from slim_ops.ops.tau_budget.reference import per_row_loop, tau_budget_step_ref  # noqa: E402
@@ -103,7 +103,9 @@ def main() -> None:
     ap.add_argument("--V", type=int, default=151936)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    add_load_flag(ap)
     args = ap.parse_args()
+    load_before = machine_load()
     dev = args.device
     gpu = dev == "cuda"
     out_dir = args.out or os.path.join("benchmarks", "results", dev)
@@ -191,7 +193,7 @@ def main() -> None:
                "timing": "round-robin over candidates, median of rounds, wall clock (perf_counter; CUDA synced)",
                "results": results, "sampling_T1": {"results": samp_res, "token_agreement_vs_torch": tok_agree},
                "speedups": speed, "greedy_seconds": greedy_s}
-    path = write_json(out_dir, "tau_budget", payload)
+    path = write_result(out_dir, "tau_budget", payload, load_before=load_before, allow_loaded=args.allow_loaded)
     label = "GPU " + str(payload["meta"]["gpu"]) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"tau_budget_step  R={R} K={K} V={V} {payload['shape']['dtype']}  ({label}; auto = {auto_name}; {path})")
     print_table("greedy (T = 0), tau_budget", results, floor_ms)

@@ -130,3 +130,29 @@ def machine_load(sample_s: float = 1.0, busy_share: float = 0.1) -> dict[str, ob
     la = os.getloadavg()
     return {"loadavg_1m": la[0], "loadavg_5m": la[1], "loadavg_15m": la[2], "cores": os.cpu_count(),
             "busy_processes": busy, "quiet": not busy, "sampled_s": sample_s}
+
+
+def add_load_flag(ap) -> None:
+    """The ``--allow-loaded`` option of every benchmark that writes a result file."""
+    ap.add_argument("--allow-loaded", action="store_true",
+                    help="write the result even when other processes were busy (it is marked quiet: false)")
+
+
+def write_result(out_dir: str, name: str, payload: dict[str, object], *, load_before: dict[str, object],
+                 allow_loaded: bool = False) -> str:
+    """``write_json`` for results people read (README's "Measured" table cites them): the machine's load
+    before and after the run goes into the file with ``quiet``; a run during which another process was busy
+    is refused (nothing written, exit code 3) unless ``allow_loaded``."""
+    return write_json(out_dir, name, {**payload, **load_fields(name, load_before, allow_loaded)})
+
+
+def load_fields(name: str, load_before: dict[str, object], allow_loaded: bool) -> dict[str, object]:
+    """The load record of a run that started with ``load_before`` (sampled now for the end); raises
+    SystemExit (nothing to write) when another process was busy and ``allow_loaded`` is not set."""
+    after = machine_load()
+    quiet = bool(load_before.get("quiet")) and bool(after["quiet"])
+    if not quiet and not allow_loaded:
+        busy = [p["command"] for p in [*load_before["busy_processes"], *after["busy_processes"]]]  # type: ignore[index]
+        raise SystemExit(f"{name}: other processes were busy ({', '.join(sorted(set(busy)))}): nothing written "
+                         "(timings on a loaded machine mislead); rerun on an idle machine or pass --allow-loaded")
+    return {"load_before": load_before, "load_after": after, "quiet": quiet}

@@ -78,3 +78,35 @@ def test_readme_and_docs_cite_nothing_outside_the_repository():
     assert "docs/" in readme and "LICENSE" in readme
     assert "pip install 'slim_ops[rl]'" in readme and "slim_ops[triton]" in readme
     assert os.path.isfile(os.path.join(ROOT, "LICENSE"))
+
+
+_TIME = re.compile(r"\d\s*(ms|s|min)\b|\d+ min\b|\d+ s\b")
+_RESULT = re.compile(r"benchmarks/results/[\w./-]+\.json")
+
+
+def measured_rows() -> list[str]:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("\n## Measured", 1)[1].split("\n## ", 1)[0]
+    return [ln for ln in section.splitlines() if ln.startswith("|") and not set(ln) <= set("|-: ")][1:]
+
+
+def test_measured_timings_cite_quiet_result_files():
+    """Every row of README's "Measured" table that quotes a time names its result file, the file is
+    committed, and it records a quiet machine (no other busy process during the run)."""
+    import json
+
+    rows = measured_rows()
+    assert len(rows) >= 4
+    timed = [r for r in rows if _TIME.search(r.split("|")[3] if r.count("|") >= 4 else r)]
+    assert timed, rows
+    for row in timed:
+        files = _RESULT.findall(row)
+        assert files, f"a timing without its result file: {row[:120]}"
+        for rel in files:
+            path = os.path.join(ROOT, rel)
+            assert os.path.isfile(path), rel
+            with open(path) as f:
+                res = json.load(f)
+            assert res.get("quiet") is True, f"{rel} was not measured on a quiet machine"
+            assert res["load_before"]["busy_processes"] == [] and res["load_after"]["busy_processes"] == []

@@ -22,6 +22,17 @@ TORCH_TILE_ELEMS = 1 << 21
 TORCH_MAX_ROWS = 1024
 TORCH_TILE_ELEMS_CUDA = 1 << 25
 TORCH_MAX_ROWS_CUDA = 8192
+# Probabilities are floored at exp(-60) ~ 8.7e-27 (exp() arguments clamped from below) in the torch backend's tiles:
+# V such terms change a row's sum, or its gradient, by <= V * 8.7e-27 ~ 1e-21 relative, far below fp32's
+# resolution. Without the floor, peaky logits send exp() off the CPU's vectorised fast path (underflow: measured
+# 70x slower) and fill the backward's GEMM operands with subnormal numbers, whose products cost microcode
+# assists (measured: the masked log-prob backward of a V = 151936 step 4x slower).
+EXP_FLOOR = -60.0
+
+
+def _grad_tile_(z: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """-g·exp(z - lse) per row, in place in z [rows, cols], probabilities floored at exp(EXP_FLOOR)."""
+    return torch.exp(z.sub_(lse.unsqueeze(1)).clamp_min_(EXP_FLOOR)).mul_(-g.unsqueeze(1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,7 +96,7 @@ def _masked_logprob_fwd_torch(hidden, weight, labels, temperature: float, with_e
             m_old, s_old = m[r].clone(), s[r].clone()
             m_new = torch.maximum(m_old, z.max(1).values)
             alpha = torch.exp(m_old - m_new)
-            zc = z.sub_(m_new.unsqueeze(1))
+            zc = z.sub_(m_new.unsqueeze(1)).clamp_min_(EXP_FLOOR)
             e = torch.exp(zc)
             s[r] = s_old * alpha + e.sum(1)
             if with_entropy:
@@ -122,7 +133,7 @@ def _masked_logprob_bwd_torch(grad_logp, hidden, weight, labels, lse, temperatur
             z = _mm_f32(hf[r], wc.t())
             if inv_t != 1.0:
                 z.mul_(inv_t)
-            dz = torch.exp(z.sub_(lse[r].unsqueeze(1))).mul_(-g[r].unsqueeze(1))  # [rc, vc]
+            dz = _grad_tile_(z, lse[r], g[r])  # [rc, vc]
             lab = labels[r] - v0
             hit = (lab >= 0) & (lab < wc.shape[0])
             dz.scatter_add_(1, lab.clamp(0, wc.shape[0] - 1).unsqueeze(1),
@@ -162,7 +173,7 @@ def _logprob_from_logits_bwd_torch(grad_logp, logits, labels, lse, temperature: 
     g = grad_logp.float() / temperature
     for r0 in range(0, N, rc):
         r = slice(r0, r0 + rc)
-        dz = torch.exp(logits[r].float() / temperature - lse[r].unsqueeze(1)).mul_(-g[r].unsqueeze(1))
+        dz = _grad_tile_(logits[r].float() / temperature, lse[r], g[r])
         dz.scatter_add_(1, labels[r].unsqueeze(1), g[r].unsqueeze(1))
         out[r] = dz.to(logits.dtype)
     return out
