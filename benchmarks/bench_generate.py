@@ -105,6 +105,99 @@ def loop_generate(model, prompts, *, block_size, max_new_tokens, steps_per_block
     return outs, nfe
 
 
+# ---------------------------------------------------------------------------------------- the floor
+@torch.no_grad()
+def floor_loop(model, prompt, out, *, block_size):
+    """The forwards ``generate`` ran for one prompt (``out``: its GenerateOutput), as a plain loop over the model
+    with nothing else: each step's block (or canvas) is rebuilt from the recorded step map, so every call sees
+    exactly the engine's inputs, and no decode step, bookkeeping or host check runs. SDAR: the prefill fused
+    with block 0's first step, then one forward per step against the KV cache (cropped after it) and a save
+    pass per finished block; LLaDA / Dream (``cache="none"``): the whole canvas every step. Dense masks, B = 1."""
+    K = block_size
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    hide = torch.finfo(dtype).min
+    mask_id = model.mask_id
+    ids = torch.as_tensor(prompt, dtype=torch.int64, device=device)[None]
+    L0 = ids.shape[1]
+    tokens, smap = out.tokens[0].to(device), out.full_step_map[0].to(device)
+    n_blocks = -(-len(out.sequences[0]) // K)
+    if model.block_causal:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        done = 0
+        for b in range(n_blocks):
+            cols = slice(b * K, (b + 1) * K)
+            steps = int(smap[cols].max()) + 1 - done
+            Lc = L0 + b * K
+            pos = torch.arange(Lc, Lc + K, device=device)[None]
+            dec = torch.zeros(1, 1, K, Lc + K, dtype=dtype, device=device)
+            for j in range(steps):
+                block = torch.where(smap[cols] < done + j, tokens[cols], mask_id)[None]
+                if b == 0 and j == 0:
+                    q = torch.arange(L0 + K, device=device)
+                    blk = -1 - (L0 - 1 - q) // K
+                    stair = torch.where(blk[None, :] <= blk[:, None], 0.0, hide).to(dtype)[None, None]
+                    model(input_ids=torch.cat([ids, block], 1), attention_mask=stair, position_ids=q[None],
+                          cache=cache, use_cache=True, logits_to_keep=K)
+                else:
+                    model(input_ids=block, attention_mask=dec, position_ids=pos, cache=cache, use_cache=True,
+                          logits_to_keep=K)
+                cache.crop(-K)
+            done += steps
+            if b + 1 < -(-out.tokens.shape[1] // K) and b + 1 < n_blocks:
+                model(input_ids=tokens[cols][None], attention_mask=dec, position_ids=pos, cache=cache, use_cache=True,
+                      logits_to_keep=1)
+        return
+    L1 = out.tokens.shape[1]
+    N = L0 + L1
+    attn = torch.zeros(1, 1, N, N, dtype=dtype, device=device)
+    pos = torch.arange(N, device=device)[None]
+    arK = torch.arange(K, device=device)
+    shift = int(getattr(model, "shift", 0))
+    nfe = int(out.nfe[0])
+    for t in range(nfe):
+        b = int((smap[:n_blocks * K] < t).view(n_blocks, K).all(1).sum())  # the block this step works on
+        canvas = torch.cat([ids, torch.where((smap >= 0) & (smap < t), tokens, mask_id)[None]], 1)
+        model(input_ids=canvas, attention_mask=attn, position_ids=pos, use_cache=False,
+              logits_to_keep=L0 + b * K + arK - shift)
+
+
+def batch1_rows(cfg, device, repeats):
+    """One prompt per call: ``generate`` against the floor (the same forwards in a plain loop), tiny SDAR and
+    LLaDA models, greedy τ-budget; the overhead is generate's time over the floor's."""
+    rows = []
+    prompt = _prompts(1, cfg["vocab"], cfg["prompt_max"], cfg["prompt_max"], seed=3)[0]
+    gen_kw = dict(block_size=cfg["block"], max_new_tokens=cfg["new_tokens"], tau=cfg["tau"])
+    for family in ("sdar", "llada"):
+        model = tiny(family, vocab_size=cfg["vocab"], seed=0, hidden_size=cfg["hidden"], num_layers=cfg["layers"],
+                     num_heads=cfg["heads"], num_kv_heads=cfg["kv_heads"], head_dim=cfg["head_dim"],
+                     intermediate_size=cfg["mlp"], head_std=cfg["head_std"], dtype=cfg["dtype"], device=device)
+        out = generate(model, [prompt], **gen_kw)
+        calls = []
+        fwd = model.forward
+
+        def counting(*a, _calls=calls, _fwd=fwd, **kw):
+            _calls.append(1)
+            return _fwd(*a, **kw)
+
+        model.forward = counting
+        floor_loop(model, prompt, out, block_size=cfg["block"])
+        n_floor = len(calls)
+        model.forward = fwd
+        if n_floor != out.model_calls:
+            raise SystemExit(f"floor gate failed ({family}): {n_floor} forwards, generate ran {out.model_calls}")
+        t_gen = _time(lambda m=model: generate(m, [prompt], **gen_kw), device, repeats)
+        t_floor = _time(lambda m=model, o=out: floor_loop(m, prompt, o, block_size=cfg["block"]), device, repeats)
+        ratio = t_gen["median_s"] / t_floor["median_s"]
+        rows.append({"family": family, "batch": 1, "generate": t_gen, "floor": t_floor, "forwards": out.model_calls,
+                     "tokens": out.num_generated, "overhead_ratio": ratio})
+        print(f"{family:>6} batch 1: generate {t_gen['median_s'] * 1e3:7.2f} ms, floor (same {out.model_calls} "
+              f"forwards, plain loop) {t_floor['median_s'] * 1e3:7.2f} ms: x{ratio:.3f}", flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- timing
 def _sync(device):
     if device.type == "cuda":
@@ -335,6 +428,7 @@ def main(argv=None):
     print(f"bench_generate on {device.type.upper()}: {cfg}", flush=True)
     res = run(cfg, device, repeats, loop_repeats, loop_rows)
     fam = run_families(cfg, device, repeats) if device.type == "cpu" else []
+    batch1 = batch1_rows(cfg, device, max(repeats, 15)) if device.type == "cpu" else []
     dev_name = (torch.cuda.get_device_name() if device.type == "cuda"
                 else f"CPU ({platform.processor() or 'cpu'}, {os.cpu_count()} cores)")
     import transformers
@@ -354,6 +448,7 @@ def main(argv=None):
         },
         "results": res,
         "other_families": fam,
+        "batch1_vs_floor": batch1,
     }
     record.update(load_fields("bench_generate", args.load_before, args.allow_loaded))
     os.makedirs(args.out, exist_ok=True)

@@ -405,11 +405,18 @@ stage3() {
   t0=$(date +%s)
   say "== stage 3: FlexAttention and torch.compile baselines (budget $B3 s) =="
   [ "$DRY" = 1 ] && args+=(--dry-run)
-  run_step quick_gpu_stage3 "$B3" "$PY" benchmarks/quick_gpu.py --stage3 --out "$RES" --summary "$SUMMARY" \
-    --budget-s $((B3 - 30)) --device-name "$GPU_NAME" "${args[@]}"
+  run_step quick_gpu_stage3 "$((B3 - 150))" "$PY" benchmarks/quick_gpu.py --stage3 --out "$RES" \
+    --summary "$SUMMARY" --budget-s $((B3 - 180)) --device-name "$GPU_NAME" "${args[@]}"
   rc=$?
   [ $rc = 0 ] || FAILED=1
   summ stage 3 compile_baselines $rc $(( $(date +%s) - t0 )) "$(tail -1 "$LOGDIR/quick_gpu_stage3.log" 2>/dev/null)"
+  # one whole SLIM-RL step (SDAR-4B layer shapes, 4 layers, bf16) through slim_ops and the reference path
+  local rl=(--preset sdar4b --paths slim reference)
+  [ "$DRY" = 1 ] && rl=(--preset tiny --paths slim reference --allow-loaded)
+  t0=$(date +%s)
+  run_step rl_step 140 "$PY" benchmarks/bench_rl_step.py "${rl[@]}" --out "$RES"
+  rc=$?
+  summ stage 3 rl_step $rc $(( $(date +%s) - t0 )) "$(tail -1 "$LOGDIR/rl_step.log" 2>/dev/null)"
 }
 
 for s in $STAGES; do

@@ -88,7 +88,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     with P.autocast("cpu", P.dtype_of(cfg.model.dtype), torch.float32):
         out = Scorer(w, cfg.rollout.block_size)(*wb)
     out.sum().backward()
-    torch.optim.AdamW(w.parameters()).step()
+    P.adamw(w.parameters()).step()
     del w, wb
     base = rss_bytes()
     reset_peak_rss()
@@ -99,7 +99,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     weights = rss_bytes() - base
     scorer = Scorer(model, cfg.rollout.block_size)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-6)
+    opt = P.adamw(trainable, lr=1e-6)  # as the trainer builds it
     batch = micro_batch(model, spec["rows"], spec["group"], spec["prompt_len"], spec["response_len"])
     compute = P.dtype_of(cfg.model.dtype)
     master = next(model.parameters()).dtype

@@ -209,8 +209,10 @@ def predict_train(s: ModelShape, st: Setting) -> dict[str, float]:
     elif mixed:                                                    # autocast's weight casts kept for backward
         copies = (s.layers * s.layer_params() + (s.head_params() or s.embed_params())) * b
     ddp_buckets = G if st.strategy == "ddp" else 0.0
-    if st.device == "cuda":
-        T_opt = G                                                  # foreach AdamW: one list of temporaries
+    if st.strategy != "fsdp":
+        T_opt = 0.0                                                # fused AdamW (slim_rl.precision.adamw): in place
+    elif st.device == "cuda":
+        T_opt = G                                                  # foreach AdamW over shards: one list of temporaries
     else:
         largest = max(s.embed_params(), s.head_params(), *(i * o for i, o in s.linears()))
         if st.lora_r > 0:

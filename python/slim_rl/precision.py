@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["DTYPES", "dtype_of", "autocast", "fsdp_policy", "DecodeCopy"]
+__all__ = ["DTYPES", "dtype_of", "autocast", "fsdp_policy", "DecodeCopy", "adamw"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,6 +36,16 @@ def autocast(device: str, compute: torch.dtype, master: torch.dtype, enabled: bo
     if not enabled or compute == master:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=compute)
+
+
+def adamw(params, **kw) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for the parameters' device (CPU and CUDA): one pass per
+    tensor and no temporaries the size of a parameter (the per-tensor loop keeps two, e.g. 2 x 300 MB for a
+    V = 151936 head), same update. FSDP2's sharded (DTensor) parameters keep the default implementation."""
+    params = list(params)
+    plain = all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                for p in params)
+    return torch.optim.AdamW(params, fused=bool(plain and params), **kw)
 
 
 def fsdp_policy(compute: torch.dtype, master: torch.dtype):

@@ -276,7 +276,7 @@ class Trainer:
             self.scorer = scorer
         oc = cfg.optim
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
-        self.optimizer = torch.optim.AdamW(trainable, lr=oc.lr, betas=(oc.beta1, oc.beta2),
+        self.optimizer = P.adamw(trainable, lr=oc.lr, betas=(oc.beta1, oc.beta2),
                                            eps=oc.eps, weight_decay=oc.weight_decay)
         self.step = 0            # RL steps done
         self.updates = 0         # optimizer steps done
