@@ -97,6 +97,22 @@ def _peak(device: str, base: int) -> int:
     return _hwm() - base
 
 
+_GRADS_FILE = {"path": None}
+_RECORDING = {"s": 0.0}
+
+
+def _record_grads(params) -> None:
+    """The gradients the optimizer steps with, streamed to a file (no flat copy in memory, so the phase's peak
+    is the path's own), the seconds it takes subtracted from the phase's time."""
+    t0 = time.perf_counter()
+    torch.save([q.grad.detach().cpu() for q in params], _GRADS_FILE["path"])
+    _RECORDING["s"] += time.perf_counter() - t0
+
+
+def _load_grads(path: str) -> torch.Tensor:
+    return torch.cat([g.float().reshape(-1) for g in torch.load(path, weights_only=True)])
+
+
 def _base(device: str) -> int:
     """Memory in use before a phase (the model built): the phase's peak is reported above it."""
     if device == "cuda":
@@ -175,11 +191,10 @@ def run_slim(p: dict, device: str, tmp: str) -> dict:
         return out
 
     tr._logp_old = old
-    grads: dict = {}
     step = tr.optimizer.step
 
     def record(*a, **kw):
-        grads["value"] = torch.cat([q.grad.detach().float().reshape(-1).cpu() for q in tr.model.parameters()])
+        _record_grads(tr.model.parameters())
         return step(*a, **kw)
 
     tr.optimizer.step = record
@@ -201,14 +216,14 @@ def run_slim(p: dict, device: str, tmp: str) -> dict:
     t0 = time.perf_counter()
     urec = tr.update(batch, 1)
     _sync(device)
-    rec["update_s"] = time.perf_counter() - t0
+    rec["update_s"] = time.perf_counter() - t0 - _RECORDING["s"]
     rec["update_peak"] = _peak(device, base)
     rows = logp_old["rows"]
     rec["trained_tokens"] = int(rows["loss_mask"].sum())
     rec["rows"] = int(rows["rows"])
     rec["loss"] = urec["loss"]
     return {"rec": rec, "tokens": batch.response_ids, "logp_old": logp_old["value"], "loss_mask": rows["loss_mask"],
-            "grads": grads["value"]}
+            "grads": _GRADS_FILE["path"]}
 
 
 # ------------------------------------------------------------------------------------- reference path
@@ -373,9 +388,9 @@ def update_ref(model, rows, p: dict, device: str, *, slim_attn: bool, fused_logp
         (loss * (idx.numel() / n)).backward()
         total += float(loss) * idx.numel()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    grads = torch.cat([q.grad.detach().float().reshape(-1).cpu() for q in model.parameters()])
+    _record_grads(model.parameters())
     opt.step()
-    return old, total / n, grads, old_s
+    return old, total / n, _GRADS_FILE["path"], old_s
 
 
 def run_ref(p: dict, device: str, variant: str) -> dict:
@@ -410,7 +425,7 @@ def run_ref(p: dict, device: str, variant: str) -> dict:
     old, loss, grads, old_s = update_ref(model, rows, p, device, slim_attn=slim_attn,
                                          fused_logprob=variant == "ref+logprob")
     _sync(device)
-    rec["update_s"] = time.perf_counter() - t0
+    rec["update_s"] = time.perf_counter() - t0 - _RECORDING["s"]
     rec["logp_old_s"] = old_s
     rec["update_peak"] = _peak(device, base)
     rec["trained_tokens"] = int(rows["loss_mask"].sum())
@@ -425,6 +440,7 @@ def worker(path: str, preset: str, out: str, threads: int) -> None:
     device = p["device"]
     torch.set_num_threads(threads)
     torch.manual_seed(SEED)
+    _GRADS_FILE["path"] = out + ".grads"
     with tempfile.TemporaryDirectory() as tmp:
         res = run_slim(p, device, tmp) if path == "slim" else run_ref(p, device, path)
     torch.save(res, out)
@@ -478,6 +494,7 @@ def main() -> None:
             if r.returncode != 0:
                 raise SystemExit(f"{path} failed:\n{r.stderr[-4000:]}")
             raw[path] = torch.load(out, weights_only=False)
+            raw[path]["grads"] = _load_grads(raw[path]["grads"])
             results[path] = raw[path]["rec"]
             print(f"{path:>14}: rollout {results[path]['rollout_s']:.1f} s, update {results[path]['update_s']:.1f} s "
                   f"({time.time() - t0:.0f} s with start-up)", flush=True)

@@ -58,6 +58,7 @@ The module itself is callable: ``import slim_rl.generate; slim_rl.generate(model
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import types
@@ -217,19 +218,45 @@ class _Attention:
             return {"block_layout": layout}
         return {"attention_mask": _additive(layout.dense_mask(), self.dtype)}
 
+    def decode(self, cache_len: int, K: int, keypad: torch.Tensor) -> dict:
+        """The decode layout's pattern (K slots over the cache: every key but cache pads). Dense: built from the
+        pads directly, [R, 1, K, Lc + K] (once per block; the layout's general predicate costs ~20 ops)."""
+        from slim_ops.layout import BlockLayout
+
+        if self.use_layout:
+            return {"block_layout": BlockLayout.decode(cache_len, K, cache_pad=keypad)}
+        R = keypad.shape[0]
+        hidden = torch.cat([keypad, keypad.new_zeros(R, K)], dim=1)[:, None, None, :]
+        mask = torch.zeros(R, 1, K, cache_len + K, dtype=self.dtype, device=keypad.device)
+        return {"attention_mask": mask.masked_fill_(hidden, torch.finfo(self.dtype).min)}
+
     def dense(self, allowed: torch.Tensor) -> dict:
         """A pattern that no BlockLayout describes (LLaDA / Dream whole-canvas attention)."""
         return {"attention_mask": _additive(allowed, self.dtype)}
 
 
 def _accepts_logits_to_keep(model) -> bool:
+    fwd = getattr(type(model), "forward", None)
+    if getattr(model, "forward", None) is not None and "forward" in vars(model):
+        fwd = model.forward  # an instance-level wrapper: inspect it (not cached)
+        return _forward_has_ltk(fwd)
+    return _forward_has_ltk_cached(fwd)
+
+
+def _forward_has_ltk(fwd) -> bool:
     import inspect
 
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(fwd).parameters
     except (TypeError, ValueError):  # pragma: no cover
         return False
     return "logits_to_keep" in params
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_has_ltk_cached(fwd) -> bool:
+    """Per model class (inspect.signature costs more than a small model's forward step)."""
+    return _forward_has_ltk(fwd)
 
 
 def _logits(model, ltk: bool, keep: int | torch.Tensor, **kwargs) -> torch.Tensor:
@@ -484,7 +511,7 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
             if cache is not None:
                 Lc = L0 + b * K
                 keypad = torch.cat([prompt_pad[sel], prompt_pad.new_zeros(R, b * K)], dim=1)  # [R, Lc]
-                dec = attn_of(BlockLayout.decode(Lc, K, cache_pad=keypad))
+                dec = attn_of.decode(Lc, K, keypad)
 
             def forward(blk, j, b=b, R=R, pos=pos, dec=dec if cache is not None else None,
                         stair=stair, spos=spos, prefix=prefix):
