@@ -136,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # modules of the optional `rl` extra (pyproject.toml); without them a command fails with the install line
-_RL_EXTRA = ("yaml", "transformers", "safetensors", "tqdm", "matplotlib", "math_verify", "tokenizers")
+_RL_EXTRA = ("yaml", "transformers", "safetensors", "tqdm", "matplotlib", "math_verify", "tokenizers", "peft")
 
 
 def main(argv: list[str] | None = None) -> None:
