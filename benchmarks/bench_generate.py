@@ -146,7 +146,7 @@ def floor_loop(model, prompt, out, *, block_size):
                           logits_to_keep=K)
                 cache.crop(-K)
             done += steps
-            if b + 1 < -(-out.tokens.shape[1] // K) and b + 1 < n_blocks:
+            if b + 1 < n_blocks:  # the engine's save pass: every decoded block but the row's last
                 model(input_ids=tokens[cols][None], attention_mask=dec, position_ids=pos, cache=cache, use_cache=True,
                       logits_to_keep=1)
         return

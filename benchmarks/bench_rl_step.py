@@ -60,41 +60,26 @@ PRESETS = {
                    prompts=4, prompt_len=128, G=8, new_tokens=256, nodes=3, micro_rows=24, ref_micro_rows=24,
                    device="cuda", head_std=0.1),
 }
+from slim_rl import memory  # noqa: E402
+
 PATHS = ("slim", "reference", "ref+decode", "ref+attention", "ref+logprob")
 TAU, M = 0.9, 1.0
 SEED = 0
 LR = 1e-6
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _reset_peak(device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        memory.reset_peak_rss()
 
 
 def _peak(device: str, base: int) -> int:
     if device == "cuda":
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated()) - base
-    return _hwm() - base
+    return memory.peak_rss_bytes() - base
 
 
 _GRADS_FILE = {"path": None}
@@ -118,7 +103,7 @@ def _base(device: str) -> int:
     if device == "cuda":
         torch.cuda.synchronize()
         return int(torch.cuda.memory_allocated())
-    return _rss()
+    return memory.rss_bytes()
 
 
 def _sync(device: str) -> None:
@@ -486,8 +471,7 @@ def main() -> None:
             out = os.path.join(tmp, f"{path}.pt")
             t0 = time.time()
             # glibc hands large blocks straight back to the system: the resident size follows the live tensors
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
-                   "MALLOC_ARENA_MAX": "1"}
+            env = {**os.environ, **memory.MALLOC_ENV}
             r = subprocess.run([sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--threads",
                                 str(args.threads), "--worker", path, "--worker-out", out],
                                capture_output=True, text=True, env=env)

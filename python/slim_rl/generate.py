@@ -236,11 +236,11 @@ class _Attention:
 
 
 def _accepts_logits_to_keep(model) -> bool:
-    fwd = getattr(type(model), "forward", None)
-    if getattr(model, "forward", None) is not None and "forward" in vars(model):
-        fwd = model.forward  # an instance-level wrapper: inspect it (not cached)
-        return _forward_has_ltk(fwd)
-    return _forward_has_ltk_cached(fwd)
+    """Whether the model's forward takes ``logits_to_keep``: looked up once per model class (inspect.signature
+    costs more than a small model's decode step); a forward replaced on the instance is inspected itself."""
+    if "forward" in vars(model):
+        return _forward_has_ltk(model.forward)
+    return _forward_has_ltk_cached(type(model).forward)
 
 
 def _forward_has_ltk(fwd) -> bool:
@@ -253,10 +253,7 @@ def _forward_has_ltk(fwd) -> bool:
     return "logits_to_keep" in params
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_has_ltk_cached(fwd) -> bool:
-    """Per model class (inspect.signature costs more than a small model's forward step)."""
-    return _forward_has_ltk(fwd)
+_forward_has_ltk_cached = functools.lru_cache(maxsize=64)(_forward_has_ltk)
 
 
 def _logits(model, ltk: bool, keep: int | torch.Tensor, **kwargs) -> torch.Tensor:

@@ -52,7 +52,7 @@ def adapter_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def has_adapters(model: torch.nn.Module) -> bool:
-    return any(hasattr(m, "lora_A") and hasattr(m, "enable_adapters") for m in model.modules())
+    return bool(adapter_layers(model))
 
 
 @contextlib.contextmanager
@@ -66,8 +66,7 @@ def disabled(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         for m in layers:
-            m.enable_adapters(True)
-            # PEFT's enable_adapters(True) re-marks the adapters trainable: they are (LoRA trains them)
+            m.enable_adapters(True)  # PEFT marks the adapters trainable again
 
 
 def merge(model: torch.nn.Module) -> torch.nn.Module:

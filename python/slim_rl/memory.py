@@ -18,9 +18,10 @@ import subprocess
 import sys
 from typing import Any
 
-__all__ = ["measure_train", "rss_bytes", "peak_rss_bytes", "reset_peak_rss"]
+__all__ = ["measure_train", "rss_bytes", "peak_rss_bytes", "reset_peak_rss", "MALLOC_ENV"]
 
-_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
+# glibc: large blocks go straight back to the system when freed, so the resident size follows the live tensors
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_ARENA_MAX": "1"}
 
 
 def _status(field: str) -> int:
@@ -73,7 +74,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     import slim_ops  # noqa: F401 - part of the baseline
     from slim_rl import precision as P
     from slim_rl.config import load_config
-    from slim_rl.trainer import Scorer, build_model
+    from slim_rl.trainer import Scorer, build_model, enable_checkpointing
 
     torch.set_num_threads(1)
     cfg = load_config(None, spec["overrides"])
@@ -94,7 +95,7 @@ def _measure_here(spec: dict[str, Any]) -> dict[str, Any]:
     reset_peak_rss()
     model = build_model(cfg)
     if cfg.model.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     weights = rss_bytes() - base
     scorer = Scorer(model, cfg.rollout.block_size)
@@ -128,7 +129,7 @@ def measure_train(overrides: list[str], *, rows: int, group: int, prompt_len: in
     spec = {"overrides": list(overrides), "rows": rows, "group": group, "prompt_len": prompt_len,
             "response_len": response_len}
     here = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, **_MALLOC_ENV, "OMP_NUM_THREADS": "1",
+    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([os.path.dirname(here), os.path.dirname(os.path.dirname(here)),
                                           os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "slim_rl.memory", json.dumps(spec)], env=env, capture_output=True,

@@ -260,8 +260,6 @@ def setting_of(cfg: Config, *, gpus: int = 1, device: str = "cuda", prompt_len: 
     oc, rc = cfg.objective, cfg.rollout
     group = oc.num_nodes if (oc.name == "slim" and oc.shared_clean) else 1
     strategy = cfg.dist.strategy if gpus > 1 else "single"
-    if cfg.dist.strategy == "fsdp" and gpus > 1:
-        strategy = "fsdp"
     rows = rc.prompts_per_step * rc.group_size
     per_rank = -(-rows // gpus)
     decode = min(per_rank, rc.batch_size) if rc.batch_size else per_rank

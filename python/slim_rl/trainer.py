@@ -93,6 +93,16 @@ def build_model(cfg: Config, device: str = "cpu") -> torch.nn.Module:
     return model.to(device)
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder layer, non-reentrant (frozen LoRA bases and integer inputs need no
+    grad); call it before ``fully_shard``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.2x names it so
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
     base = getattr(model, "model", None)
     if base is None:
@@ -255,12 +265,7 @@ class Trainer:
             raise ConfigError("config: dist.cpu_offload=true needs FSDP2 under torchrun (dist.strategy=fsdp, "
                               "launched with torchrun --nproc_per_node=N, N >= 2)")
         if cfg.model.gradient_checkpointing:
-            # per decoder layer, non-reentrant (frozen LoRA bases and int inputs need no grad); before fully_shard
-            enable = getattr(self.model, "activation_checkpointing_enable", None)
-            if enable is not None:  # transformers >= 5.2x names it so
-                enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)  # before fully_shard
         self._decode_copy = P.DecodeCopy(self.model, self.compute_dtype)
         scorer = Scorer(self.model, cfg.rollout.block_size)
         if self.fsdp:
@@ -276,8 +281,8 @@ class Trainer:
             self.scorer = scorer
         oc = cfg.optim
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
-        self.optimizer = P.adamw(trainable, lr=oc.lr, betas=(oc.beta1, oc.beta2),
-                                           eps=oc.eps, weight_decay=oc.weight_decay)
+        self.optimizer = P.adamw(trainable, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps,
+                                 weight_decay=oc.weight_decay)
         self.step = 0            # RL steps done
         self.updates = 0         # optimizer steps done
         self.bad_streak = 0      # consecutive skipped (non-finite) updates
