@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from typing import Any
 
@@ -101,7 +102,13 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
     dev = torch.device(info.device)
     ids = [dev] if dev.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    # buffers are the same on every rank (rotary tables): no per-forward broadcast. Newer torch names the
+    # switch forward_sync_buffers (and deprecates broadcast_buffers); older torch knows only the latter.
+    import inspect
+
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return DistributedDataParallel(module, device_ids=ids, **{sync: False})
 
 
 def wrap_fsdp(module: torch.nn.Module, model: torch.nn.Module, *, mp_policy=None,
@@ -145,9 +152,13 @@ def _destroy_at_exit() -> None:
         try:
             dist.barrier()
         finally:
+            gc.collect()
             dist.destroy_process_group()
 
 
 def shutdown(info: DistInfo) -> None:
+    """Destroy the process group. Objects still holding collectives' work (DDP reducers, pending futures) are
+    collected first, so that no gloo thread drops a tensor while the interpreter is being torn down."""
     if info.active and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

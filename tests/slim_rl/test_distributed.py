@@ -149,8 +149,10 @@ def worker(out: str, objective: str, strategy: str) -> None:
                     "alloc_rows": recorder.logprob_rows, "alloc_rec": arec,
                     "alloc_head": type(atr.scorer).__name__, "same_state": same_state, "same_next": same_next,
                     "n_optim_state": len(tr2.optimizer.state)}, out)
-    D.barrier(tr.info)
-    D.shutdown(tr.info)
+    info = tr.info
+    del tr, tr2, atr                      # the wrapped models (and their reducers) go before the group does
+    D.barrier(info)
+    D.shutdown(info)
 
 
 def _torchrun(n: int, out: str, objective: str, strategy: str = "ddp") -> dict:
