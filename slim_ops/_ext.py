@@ -67,6 +67,15 @@ def check_tensor(fn: str, name: str, t: torch.Tensor, *, shape: tuple[int, ...] 
     """Raise one ValueError naming `name` and what was expected when `t` breaks the raw-pointer contract."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{fn}: {name} must be a tensor, got {type(t).__name__}")
+    # the common case in a few attribute reads (this runs on every kernel call); the message is built below
+    if ((shape is None or t.shape == shape)
+            and (dtypes is None or (isinstance(dtypes, (tuple, frozenset)) and t.dtype in dtypes))
+            and (device is None or (t.device.type == device if isinstance(device, str) and ":" not in device
+                                    else False))
+            and (not contiguous or t.is_contiguous())
+            and (not last_dim_contiguous or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1)
+            and (t.numel() == 0 or t.data_ptr() % t.element_size() == 0)):
+        return
     problems = []
     if shape is not None and tuple(t.shape) != tuple(shape):
         problems.append(f"shape {tuple(shape)}")

@@ -171,9 +171,8 @@ class GenerateOutput:
 # ---------------------------------------------------------------------------------------------- helpers
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool [B, Lq, Lk] -> additive float mask [B, 1, Lq, Lk] (0 allowed, dtype-min hidden)."""
-    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    out.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return out[:, None]
+    out = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return out.masked_fill_(allowed, 0.0)[:, None]
 
 
 def _prompt_positions(prompt_pad: torch.Tensor) -> torch.Tensor:
@@ -229,6 +228,31 @@ class _Attention:
         hidden = torch.cat([keypad, keypad.new_zeros(R, K)], dim=1)[:, None, None, :]
         mask = torch.zeros(R, 1, K, cache_len + K, dtype=self.dtype, device=keypad.device)
         return {"attention_mask": mask.masked_fill_(hidden, torch.finfo(self.dtype).min)}
+
+    def stair(self, L0: int, Lr: int, K: int, prompt_pad: torch.Tensor) -> dict:
+        """The staircase over [left-padded prompt ‖ Lr response tokens] (``BlockLayout.packed(L0, Lr, K, 0,
+        prompt_pad)``): dense, built from the block ids directly, [R, 1, L, L] (the layout's general predicate
+        costs ~30 ops). Prompt blocks end at the prompt end; a query whose keys are all pads sees itself."""
+        from slim_ops.layout import BlockLayout
+
+        if self.use_layout:
+            return {"block_layout": BlockLayout.packed(L0, Lr, K, 0, prompt_pad=prompt_pad)}
+        R, L = prompt_pad.shape[0], L0 + Lr
+        q = torch.arange(L, device=prompt_pad.device)
+        blk = -1 - torch.div(L0 - 1 - q, K, rounding_mode="floor")  # block id, one formula for both sides
+        keypad = torch.cat([prompt_pad, prompt_pad.new_zeros(R, Lr)], dim=1)
+        allowed = (blk[None, :] <= blk[:, None])[None] & ~keypad[:, None, :]
+        allowed |= ~allowed.any(-1, keepdim=True) & torch.eye(L, dtype=torch.bool, device=q.device)
+        return {"attention_mask": _additive(allowed, self.dtype)}
+
+    def decode_full(self, L0: int, L1: int, K: int, prompt_pad: torch.Tensor) -> torch.Tensor | None:
+        """Dense: the decode masks of every block of a chunk at once, [R, 1, K, L0 + L1] (block b's is the view
+        ``[..., :L0 + (b+1)·K]``: the response is never padded). None when forwards take a BlockLayout."""
+        if self.use_layout:
+            return None
+        full = torch.zeros(prompt_pad.shape[0], 1, K, L0 + L1, dtype=self.dtype, device=prompt_pad.device)
+        full[..., :L0].masked_fill_(prompt_pad[:, None, None, :], torch.finfo(self.dtype).min)
+        return full
 
     def dense(self, allowed: torch.Tensor) -> dict:
         """A pattern that no BlockLayout describes (LLaDA / Dream whole-canvas attention)."""
@@ -391,32 +415,56 @@ def _check_args(block_size, max_new_tokens, steps_per_block, strategy, tau, m, t
 
 # ---------------------------------------------------------------------------------------------- engine
 class _Recorder:
-    """Device-side output buffers for a chunk of rows, indexed by the chunk's original row ids."""
+    """Output buffers for the rows of a generate call (indexed by original row id) and a log of the steps.
+
+    A step appends references to its outputs (no tensor op); :meth:`finish` turns the log into the per-row,
+    per-row-step records in a few vectorised ops: a row's step index is the number of earlier steps in which
+    it was active, and a slot is committed in exactly one step."""
 
     def __init__(self, B: int, L1: int, max_steps: int, pad_id: int, device: torch.device):
+        self.B, self.L1, self.max_steps, self.device = B, L1, max_steps, device
         self.tokens = torch.full((B, L1), pad_id, dtype=torch.int64, device=device)
-        self.step_map = torch.full((B, L1), -1, dtype=torch.int32, device=device)
-        self.conf = torch.full((B, L1), float("nan"), dtype=torch.float32, device=device)
-        # one spare column: rows whose block is complete write their (zero) record to their next free
-        # step, which is at most max_steps
-        self.commits = torch.zeros(B, max_steps + 1, dtype=torch.int32, device=device)
-        self.ewc = torch.zeros(B, max_steps + 1, dtype=torch.float32, device=device)
-        self.nfe = torch.zeros(B, dtype=torch.int64, device=device)
-        self.finished = torch.zeros(B, dtype=torch.bool, device=device)
+        self.log: list[tuple] = []
 
-    def step(self, rows: torch.Tensor, cols: torch.Tensor, active: torch.Tensor, out) -> None:
-        local = self.nfe[rows]  # [R] this step's row-step index
-        r2, c2 = rows[:, None], (cols if cols.dim() == 2 else cols[None, :])  # cols: [K] or [R, K]
-        self.step_map[r2, c2] = torch.where(out.commit, local[:, None].to(torch.int32), self.step_map[r2, c2])
-        self.conf[r2, c2] = torch.where(out.commit, out.confidence, self.conf[r2, c2])
-        self.commits[rows, local] = out.num_committed.to(torch.int32)
-        self.ewc[rows, local] = out.risk.to(torch.float32)
-        self.nfe[rows] = local + active.to(torch.int64)
+    def step(self, rows: torch.Tensor, blocks: torch.Tensor, active: torch.Tensor, out) -> None:
+        """rows [R]: original row ids; blocks [R]: the block index each row worked on; active [R]: whether the
+        row's block had masked slots (a step of an inactive row is not one of its steps)."""
+        self.log.append((rows, blocks, active, out.commit, out.confidence, out.num_committed, out.risk))
+
+    def finish(self, K: int) -> dict[str, torch.Tensor]:
+        B, dev = self.B, self.device
+        step_map = torch.full((B, self.L1), -1, dtype=torch.int32, device=dev)
+        conf = torch.full((B, self.L1), float("nan"), dtype=torch.float32, device=dev)
+        commits = torch.zeros(B, self.max_steps, dtype=torch.int32, device=dev)
+        ewc = torch.zeros(B, self.max_steps, dtype=torch.float32, device=dev)
+        if not self.log:
+            return dict(step_map=step_map, conf=conf, commits=commits, ewc=ewc,
+                        nfe=torch.zeros(B, dtype=torch.int64, device=dev))
+        rows, blocks, active, commit, c, num, risk = (torch.cat(x) for x in zip(*self.log))
+        T = len(self.log)
+        t = torch.repeat_interleave(torch.arange(T, device=dev),
+                                    torch.tensor([e[0].shape[0] for e in self.log], device=dev))
+        A = torch.zeros(T, B, dtype=torch.int64, device=dev)
+        A[t, rows] = active.to(torch.int64)  # a row is in a step at most once
+        local = (A.cumsum(0) - A)[t, rows]  # each entry's row-step index
+        a = active.nonzero()[:, 0]
+        commits[rows[a], local[a]] = num[a].to(torch.int32)
+        ewc[rows[a], local[a]] = risk[a].to(torch.float32)
+        cols = blocks[:, None] * K + torch.arange(K, device=dev)[None, :]
+        rr = rows[:, None].expand_as(cols)
+        step_map[rr[commit], cols[commit]] = local[:, None].expand_as(cols)[commit].to(torch.int32)
+        conf[rr[commit], cols[commit]] = c[commit].to(torch.float32)
+        return dict(step_map=step_map, conf=conf, commits=commits, ewc=ewc, nfe=A.sum(0))
 
 
-def _step(logits, block, info, floor, kw):
-    import slim_ops
+def _stepper(vocab: int, info, device: torch.device, kw: dict):
+    """The decode step with the call's options checked once (slim_ops' prepared tau_budget_step)."""
+    from slim_ops.ops.tau_budget.op import prepare_step
 
+    return prepare_step(vocab, info["mask_id"], device, **kw)
+
+
+def _step(logits, block, info, floor, stepper):
     # the mask token is never a prediction (a committed μ would leave its slot masked for good); suppressed
     # ids (LLaDA's logits_eos_inf) go the same way. The logits are the engine's own tensor.
     ban = info.get("ban")
@@ -424,7 +472,7 @@ def _step(logits, block, info, floor, kw):
         logits[..., info["mask_id"]] = float("-inf")
     else:
         logits.index_fill_(-1, ban, float("-inf"))
-    return slim_ops.tau_budget_step(logits, block, info["mask_id"], floor=floor, **kw)
+    return stepper(logits, block, floor)
 
 
 def _guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -439,34 +487,33 @@ def _with_uncond(ids: torch.Tensor, prompt_real: torch.Tensor, mask_id: int) -> 
     return torch.cat([ids, ids.masked_fill(prompt_real, mask_id)], dim=0)
 
 
-def _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit):
+def _run_block(forward, block, info, S, K, stepper, rec, rows, bidx, counters, early_exit):
     """Denoise one block for the active rows: up to S steps, each one forward + one decode step.
 
-    ``forward(block, j) -> (logits [R, K, V], token positions processed)``."""
+    ``forward(block, j) -> (logits [R, K, V], token positions processed)``; ``bidx`` [R]: the block's index."""
     import slim_ops
 
     mask_id = info["mask_id"]
     flag = _LaggedFlag(block.device)
+    active = torch.ones(block.shape[0], dtype=torch.bool, device=block.device)  # the block starts all masked
     for j in range(S):
         if early_exit and flag.done():
             break
-        active = (block == mask_id).any(dim=1)
         logits, n_tok = forward(block, j)
         counters["model_calls"] += 1
         counters["forward_tokens"] += n_tok
-        out = _step(logits, block, info, slim_ops.static_floor(K, S, j), kw)
-        rec.step(rows, cols, active, out)
+        out = _step(logits, block, info, slim_ops.static_floor(K, S, j), stepper)
+        rec.step(rows, bidx, active, out)
         block = out.block
-        flag.push((block == mask_id).any())
+        active = (block == mask_id).any(dim=1)
+        flag.push(active.any())
     return block
 
 
 @torch.no_grad()
-def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_cache, kw, early_exit,
+def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_cache, stepper, early_exit,
                     rec: _Recorder, row_ids: torch.Tensor, counters, attention: str, cache: str = "none",
                     cfg_scale: float = 0.0) -> None:
-    from slim_ops.layout import BlockLayout
-
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     attn_of = _Attention(model, attention, dtype)
@@ -493,6 +540,7 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.config)
+        dec_full = attn_of.decode_full(L0, L1, K, prompt_pad) if cache is not None else None
         for b in range(nb):
             R = sel.numel()
             cols = b * K + arK
@@ -501,14 +549,16 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
                 # staircase over [prompt ‖ blocks 0..b] (with the cache: the prefill, fused with the first
                 # denoising step of block 0; its K/V of the prompt are kept, those of the block cropped)
                 Lr = (b + 1) * K
-                stair = attn_of(BlockLayout.packed(L0, Lr, K, 0, prompt_pad=prompt_pad[sel]))
+                stair = attn_of.stair(L0, Lr, K, prompt_pad[sel])
                 rpos = plen[sel][:, None] + torch.arange(Lr, device=device)[None, :]
                 spos = torch.cat([ppos[sel], rpos], dim=1)
                 prefix = torch.cat([prompt[sel], rec.tokens[rows][:, : b * K]], dim=1)
             if cache is not None:
                 Lc = L0 + b * K
-                keypad = torch.cat([prompt_pad[sel], prompt_pad.new_zeros(R, b * K)], dim=1)  # [R, Lc]
-                dec = attn_of.decode(Lc, K, keypad)
+                if dec_full is not None:
+                    dec = {"attention_mask": dec_full[..., : Lc + K]}
+                else:
+                    dec = attn_of.decode(Lc, K, torch.cat([prompt_pad[sel], prompt_pad.new_zeros(R, b * K)], dim=1))
 
             def forward(blk, j, b=b, R=R, pos=pos, dec=dec if cache is not None else None,
                         stair=stair, spos=spos, prefix=prefix):
@@ -526,7 +576,8 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
                 return logits, n_tok
 
             block = torch.full((R, K), mask_id, dtype=torch.int64, device=device)
-            block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
+            bidx = torch.full((R,), b, dtype=torch.int64, device=device)
+            block = _run_block(forward, block, info, S, K, stepper, rec, rows, bidx, counters, early_exit)
             rec.tokens[rows[:, None], cols[None, :]] = block
             if b + 1 == nb:
                 break
@@ -534,18 +585,20 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
                 _logits(model, ltk, 1, input_ids=block, position_ids=pos, cache=cache, use_cache=True, **dec)
                 counters["model_calls"] += 1
                 counters["forward_tokens"] += R * K
-            keep = _retire(block, eos_id, rec, rows)
+            keep = _retire(block, eos_id)
             if keep is not None:
                 if keep.numel() == 0:
                     return
                 if cache is not None:
                     cache.batch_select_indices(keep)
+                    dec_full = dec_full[keep] if dec_full is not None else None
                 rows, sel = rows[keep], sel[keep]
         return
 
     if cache != "none":
-        _decode_cached(model, ltk, info, prompt, prompt_pad, ppos, plen, K=K, S=S, nb=nb, mode=cache, kw=kw,
-                       early_exit=early_exit, rec=rec, rows=rows, counters=counters, cfg_scale=cfg_scale)
+        _decode_cached(model, ltk, info, prompt, prompt_pad, ppos, plen, K=K, S=S, nb=nb, mode=cache,
+                       stepper=stepper, early_exit=early_exit, rec=rec, rows=rows, counters=counters,
+                       cfg_scale=cfg_scale)
         return
     # LLaDA / Dream: bidirectional over the whole canvas, no cache. Rows advance through their blocks
     # independently (a row whose block is complete moves on at the next step; nothing is shared between
@@ -555,48 +608,57 @@ def _generate_chunk(model, prompts: list[torch.Tensor], info, *, K, S, nb, use_c
     allowed = _bidirectional_allowed(prompt_pad, L1)
     attn = attn_of.dense(allowed if cfg_scale == 0 else torch.cat([allowed, allowed]))
     pos = torch.cat([ppos, plen[:, None] + torch.arange(L1, device=device)[None, :]], dim=1)
-    bidx = torch.zeros(B, dtype=torch.int64, device=device)  # current block of each row
-    jstep = torch.zeros(B, dtype=torch.int64, device=device)  # step inside that block
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    flag = _LaggedFlag(device)
+    # per row: the block it reads (a row that is done re-reads its last block, so nothing is committed for
+    # it), whether it is still decoding, its step inside the block (for the floor, when S does not divide K)
+    cur = torch.zeros(B, dtype=torch.int64, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
     mod = K % S
+    jstep = torch.zeros(B, dtype=torch.int64, device=device) if mod else None
+    base = (L0 + arK)[None, :]
+    flag = _LaggedFlag(device)
+
+    def save(idx):  # the response of rows idx (visited blocks; never-visited ones stay pad)
+        visited = torch.arange(L1, device=device)[None, :] < (cur[idx] + 1)[:, None] * K
+        rec.tokens[rows[idx]] = torch.where(visited, canvas[idx, L0:], rec.tokens[rows[idx]])
+
     for t in range(nb * S):
         if t and t % S == 0:  # once per S steps (the block period): finished rows leave the batch
-            keep = (~done).nonzero()[:, 0]
-            if keep.numel() == 0:
-                break
-            if keep.numel() < rows.numel():
-                rows, canvas, pos, prompt_real = rows[keep], canvas[keep], pos[keep], prompt_real[keep]
+            if not bool(active.all()):
+                keep = active.nonzero()[:, 0]
+                save((~active).nonzero()[:, 0])
+                if keep.numel() == 0:
+                    return
+                rows, canvas, pos, prompt_real, cur, active = (rows[keep], canvas[keep], pos[keep],
+                                                               prompt_real[keep], cur[keep], active[keep])
                 keep2 = keep if cfg_scale == 0 else torch.cat([keep, keep + attn["attention_mask"].shape[0] // 2])
                 attn = {name: m[keep2] for name, m in attn.items()}
-                bidx, jstep, done = bidx[keep], jstep[keep], done[keep]
+                jstep = jstep[keep] if mod else None
         elif early_exit and flag.done():
             break
-        # [R, K] response slots of each row's block (a finished row re-reads its last, complete block,
-        # so nothing is committed for it)
-        cols = (bidx - done.to(torch.int64)).clamp(max=nb - 1)[:, None] * K + arK[None, :]
-        slots = L0 + cols
+        slots = cur[:, None] * K + base  # [R, K] canvas positions of each row's block
         block = canvas.gather(1, slots)
-        active = ~done
+        rows_keep = slots - shift if shift else slots
         if cfg_scale > 0:
-            logits = _guided(_logits(model, ltk, torch.cat([slots, slots]) - shift,
+            logits = _guided(_logits(model, ltk, torch.cat([rows_keep, rows_keep]),
                                      input_ids=_with_uncond(canvas, prompt_real, mask_id),
                                      position_ids=torch.cat([pos, pos]), use_cache=False, **attn), cfg_scale)
         else:
-            logits = _logits(model, ltk, slots - shift, input_ids=canvas, position_ids=pos, use_cache=False, **attn)
+            logits = _logits(model, ltk, rows_keep, input_ids=canvas, position_ids=pos, use_cache=False, **attn)
         counters["model_calls"] += 1
         counters["forward_tokens"] += canvas.numel() * (2 if cfg_scale > 0 else 1)
-        floor = K // S + (jstep < mod).to(torch.int64)  # static floor f_j per row (docs/decode.md, 'The τ-budget rule')
-        out = _step(logits, block, info, floor, kw)
+        # static floor f_j per row (docs/decode.md, 'The τ-budget rule'): one int when S divides K
+        floor = K // S if not mod else K // S + (jstep < mod).to(torch.int64)
+        out = _step(logits, block, info, floor, stepper)
         canvas.scatter_(1, slots, out.block)
-        rec.tokens[rows[:, None], cols] = out.block
-        rec.step(rows, cols, active, out)
+        rec.step(rows, cur, active, out)
         complete = active & ~(out.block == mask_id).any(dim=1)
-        rec.finished[rows] |= complete & (out.block == eos_id).any(dim=1)
-        bidx = bidx + complete.to(torch.int64)
-        jstep = torch.where(complete, 0, jstep + 1)
-        done = done | rec.finished[rows] | (bidx >= nb)
-        flag.push((~done).any())
+        ends = complete & ((out.block == eos_id).any(dim=1) | (cur == nb - 1))  # EOS, or the last block
+        cur = torch.where(ends, cur, cur + complete.to(torch.int64))
+        active = active & ~ends
+        if mod:
+            jstep = torch.where(complete, 0, jstep + 1)
+        flag.push(active.any())
+    save(torch.arange(rows.numel(), device=device))
 
 
 def _drop_window(cache, w0: int, e: int) -> None:
@@ -608,7 +670,7 @@ def _drop_window(cache, w0: int, e: int) -> None:
 
 
 @torch.no_grad()
-def _decode_cached(model, ltk, info, prompt, prompt_pad, ppos, plen, *, K, S, nb, mode, kw, early_exit, rec,
+def _decode_cached(model, ltk, info, prompt, prompt_pad, ppos, plen, *, K, S, nb, mode, stepper, early_exit, rec,
                    rows, counters, cfg_scale) -> None:
     """LLaDA / Dream with Fast-dLLM's prefix or dual cache (module docstring): blocks in lockstep, a full
     refresh forward at each block start, window-only forwards against the cached K/V after it."""
@@ -665,13 +727,14 @@ def _decode_cached(model, ltk, info, prompt, prompt_pad, ppos, plen, *, K, S, nb
             return (_guided(logits, cfg_scale) if guided else logits), ids.shape[0] * Lq
 
         block = canvas[:, s:e].clone()
-        block = _run_block(forward, block, info, S, K, kw, rec, rows, cols, counters, early_exit)
+        block = _run_block(forward, block, info, S, K, stepper, rec, rows,
+                           torch.full((rows.numel(),), b, dtype=torch.int64, device=device), counters, early_exit)
         canvas[:, s:e] = block
         rec.tokens[rows[:, None], cols[None, :]] = block
         state.clear()
         if b + 1 == nb:
             break
-        keep = _retire(block, eos_id, rec, rows)
+        keep = _retire(block, eos_id)
         if keep is not None:
             if keep.numel() == 0:
                 return
@@ -679,12 +742,11 @@ def _decode_cached(model, ltk, info, prompt, prompt_pad, ppos, plen, *, K, S, nb
                 prompt_real[keep]
 
 
-def _retire(block: torch.Tensor, eos_id: int, rec: _Recorder, rows: torch.Tensor) -> torch.Tensor | None:
+def _retire(block: torch.Tensor, eos_id: int) -> torch.Tensor | None:
     """Once per block (the one host sync): rows whose block holds EOS leave the batch.
 
     Returns the indices of the rows to keep, or None when every row continues."""
     has_eos = (block == eos_id).any(dim=1)
-    rec.finished[rows] |= has_eos
     if not bool(has_eos.any()):
         return None
     return (~has_eos).nonzero()[:, 0]
@@ -747,19 +809,21 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
     kw = dict(tau=float(tau), m=float(m), temperature=float(temperature), top_k=top_k, top_p=float(top_p),
               generator=generator, strategy=strategy, backend=backend, gamma=float(gamma), factor=float(factor),
               defer_ids=torch.tensor(defer, dtype=torch.int64, device=device) if defer else None)
+    stepper = _stepper(vocab, info, device, kw)
     if suppress:
         info = dict(info, ban=torch.tensor(sorted({info["mask_id"], *suppress}), dtype=torch.int64, device=device))
     counters = {"model_calls": 0, "forward_tokens": 0}
     chunk = B if batch_size is None else batch_size
     for s0 in range(0, B, chunk):
         ids = torch.arange(s0, min(B, s0 + chunk))
-        _generate_chunk(model, plist[s0:s0 + chunk], info, K=K, S=S, nb=nb, use_cache=use_cache, kw=kw,
+        _generate_chunk(model, plist[s0:s0 + chunk], info, K=K, S=S, nb=nb, use_cache=use_cache, stepper=stepper,
                         early_exit=early_exit, rec=rec, row_ids=ids, counters=counters, attention=attention,
                         cache=cache, cfg_scale=float(cfg_scale))
 
+    recs = rec.finish(K)
     tokens = rec.tokens.cpu()
-    step_map = rec.step_map.cpu()
-    conf = rec.conf.cpu()
+    step_map = recs["step_map"].cpu()
+    conf = recs["conf"].cpu()
     # response length per row: through the first EOS, at most max_new_tokens; finished = EOS within it
     is_eos = tokens[:, :max_new_tokens] == info["eos_id"]
     finished = is_eos.any(dim=1)
@@ -769,7 +833,7 @@ def generate(model: torch.nn.Module, prompts, *, block_size: int = 16, max_new_t
         step_map=[step_map[i, :n].clone() for i, n in enumerate(lengths)],
         confidence=[conf[i, :n].clone() for i, n in enumerate(lengths)],
         tokens=tokens, full_step_map=step_map, full_confidence=conf,
-        commits=rec.commits[:, :-1].cpu(), ewc=rec.ewc[:, :-1].cpu(), nfe=rec.nfe.cpu(), finished=finished,
+        commits=recs["commits"].cpu(), ewc=recs["ewc"].cpu(), nfe=recs["nfe"].cpu(), finished=finished,
         prompt_lengths=torch.tensor([len(p) for p in plist], dtype=torch.int64),
         block_size=K, steps_per_block=S,
         model_calls=counters["model_calls"], forward_tokens=counters["forward_tokens"],

@@ -528,3 +528,67 @@ def test_opcheck_and_compile():
 
 
 # GPU tests of the triton and cuda backends at real sizes: tests/gpu/test_tau_budget_gpu.py
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The prepared step (options checked once, for decode loops)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strategy", ["tau_budget", "threshold", "topk", "factor", "entropy_bounded"])
+@pytest.mark.parametrize("m", [1.0, 0.0])
+def test_prepared_step_matches_reference(backend, strategy, m):
+    from slim_ops.ops.tau_budget.op import prepare_step
+
+    R, K, V, mask_id = 3, 8, 301, 300
+    step = prepare_step(V, mask_id, DEV, tau=0.6, m=m, strategy=strategy, backend=backend, gamma=0.3, factor=1.5)
+    for floor in (2, torch.tensor([0, 1, 3])):
+        logits, block = _random_step_inputs(R, K, V, torch.float32, mask_id)
+        ref = tau_budget_step_ref(logits, block, mask_id, tau=0.6, m=m, floor=floor, strategy=strategy,
+                                  gamma=0.3, factor=1.5)
+        fl = floor.to(DEV) if isinstance(floor, torch.Tensor) else floor
+        out = step(logits.to(DEV), block.to(DEV), fl)
+        _compare_step(out, ref)
+    # R changes between calls (rows leave a batch)
+    logits, block = _random_step_inputs(1, K, V, torch.float32, mask_id)
+    _compare_step(step(logits.to(DEV), block.to(DEV), 1),
+                  tau_budget_step_ref(logits, block, mask_id, tau=0.6, m=m, floor=1, strategy=strategy, gamma=0.3,
+                                      factor=1.5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepared_step_sampling_draws_like_the_public_op(backend):
+    from slim_ops.ops.tau_budget.op import prepare_step
+
+    R, K, V, mask_id = 2, 4, 97, 96
+    logits, block = _random_step_inputs(R, K, V, torch.float32, mask_id)
+    logits, block = logits.to(DEV), block.to(DEV)
+    g1, g2 = torch.Generator(DEV).manual_seed(5), torch.Generator(DEV).manual_seed(5)
+    step = prepare_step(V, mask_id, DEV, temperature=0.7, generator=g1, backend=backend)
+    for _ in range(3):
+        a = step(logits, block, 1)
+        b = slim_ops.tau_budget_step(logits, block, mask_id, temperature=0.7, generator=g2, backend=backend)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.block, b.block)
+
+
+def test_prepared_step_checks_its_inputs():
+    from slim_ops.ops.tau_budget.op import prepare_step
+
+    with pytest.raises(ValueError, match="tau must lie in"):
+        prepare_step(10, 9, "cpu", tau=1.0)
+    with pytest.raises(ValueError, match="mask_id must be an int"):
+        prepare_step(10, 10, "cpu")
+    with pytest.raises(ValueError, match="tau must be a float here"):
+        prepare_step(10, 9, "cpu", tau=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        prepare_step(10, 9, "cpu", strategy="greedy")
+    step = prepare_step(10, 9, "cpu", backend="torch")
+    logits, block = torch.zeros(2, 4, 10), torch.full((2, 4), 9)
+    with pytest.raises(ValueError, match=r"PreparedStep: expects logits \[R, K<=64, V=10\]"):
+        step(torch.zeros(2, 4, 11), block, 1)
+    with pytest.raises(ValueError, match="PreparedStep: expects"):
+        step(logits, block.to(torch.int32), 1)
+    with pytest.raises(ValueError, match="PreparedStep: expects"):
+        step(logits, block[:1], 1)
+    with pytest.raises(ValueError, match="floor must be an int or an integer"):
+        step(logits, block, torch.ones(3, dtype=torch.int64))

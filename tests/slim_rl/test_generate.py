@@ -430,3 +430,30 @@ def test_peer_option_validation():
     ]:
         with pytest.raises(ValueError, match=msg):
             generate(model, PROMPTS, block_size=4, max_new_tokens=4, **kwargs)
+
+
+def test_engine_dense_masks_equal_the_layout_predicate():
+    """The engine builds its staircase and decode masks directly (not through the layout's general predicate):
+    they must be that predicate, with left pads, a prompt block that is all pads, and rows of any length."""
+    import slim_rl.generate as G
+    from slim_ops.layout import BlockLayout
+
+    model = _model("sdar", seed=1)
+    att = G._Attention(model, "dense", torch.float32)
+    hide = torch.finfo(torch.float32).min
+    L0, K, L1 = 11, 4, 12
+    lens = torch.tensor([11, 7, 2, 1])
+    pad = torch.arange(L0)[None, :] < (L0 - lens)[:, None]
+    for Lr in (K, 2 * K, L1):
+        want = BlockLayout.packed(L0, Lr, K, 0, prompt_pad=pad).dense_mask()
+        got = att.stair(L0, Lr, K, pad)["attention_mask"]
+        assert got.shape == (4, 1, L0 + Lr, L0 + Lr)
+        assert torch.equal(got[:, 0] == 0, want) and torch.equal(got[:, 0] == hide, ~want)
+    full = att.decode_full(L0, L1, K, pad)
+    for b in range(L1 // K):
+        Lc = L0 + b * K
+        keypad = torch.cat([pad, pad.new_zeros(4, b * K)], dim=1)
+        want = BlockLayout.decode(Lc, K, cache_pad=keypad).dense_mask()
+        got = full[..., : Lc + K]
+        assert torch.equal(got[:, 0] == 0, want.expand(4, K, Lc + K))
+        assert torch.equal(att.decode(Lc, K, keypad)["attention_mask"], got)

@@ -82,6 +82,19 @@ def tau_budget_step_cpu(logits: torch.Tensor, block: torch.Tensor, mask_id: int,
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
     if threads < 1:
         raise ValueError(f"{fn}: num_threads must be >= 1, got {threads}")
+    return launch_step_cpu(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, threads,
+                           ISAS[isa])
+
+
+def launch_step_cpu(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, threads=None,
+                    isa_code=-1):
+    """The kernel call behind :func:`tau_budget_step_cpu`, for callers that have established its contract
+    already (the op's entry points: logits [R, K<=64, V<2^31] bf16/fp16/fp32 CPU with stride(-1) == 1, block
+    [R, K] int64, tau32 / bud / floor [R] fp32 / fp32 / int32, seed [1] int64, strategy 0..2): no check is
+    repeated on the per-step path."""
+    fn = f"{_FN}.tau_budget_step_cpu"
+    R, K, V = logits.shape
+    threads = torch.get_num_threads() if threads is None else threads
     block = block.contiguous()
     seed = seed.contiguous()
     block_out = torch.empty((R, K), dtype=torch.int64)
@@ -96,7 +109,7 @@ def tau_budget_step_cpu(logits: torch.Tensor, block: torch.Tensor, mask_id: int,
     code = ext.tau_budget_step_cpu(
         logits.data_ptr(), _ext.dtype_code(fn, "logits", logits), R, K, V, logits.stride(0), logits.stride(1),
         block.data_ptr(), int(mask_id), tau32.data_ptr(), bud.data_ptr(), floor.data_ptr(), seed.data_ptr(),
-        float(temperature), int(strategy_id), threads, ISAS[isa], block_out.data_ptr(), commit.data_ptr(),
+        float(temperature), int(strategy_id), threads, isa_code, block_out.data_ptr(), commit.data_ptr(),
         tokens.data_ptr(), conf.data_ptr(), num.data_ptr(), risk.data_ptr())
     _ext.check_status(code, "tau_budget_step_cpu", "cpu")
     return block_out, commit, tokens, conf, num, risk

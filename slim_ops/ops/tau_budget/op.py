@@ -19,7 +19,7 @@ from slim_ops import _backend
 from .reference import STRATEGIES, static_floor
 from .torch_impl import defer_slots, select_torch, slot_ranks, tau_budget_step_torch
 
-__all__ = ["StepOutput", "tau_budget_step", "tau_budget_select", "static_floor"]
+__all__ = ["StepOutput", "PreparedStep", "prepare_step", "tau_budget_step", "tau_budget_select", "static_floor"]
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_BLOCK = 64
@@ -148,6 +148,13 @@ def _tau_budget_step_op(logits: Tensor, block: Tensor, mask_id: int, tau32: Tens
                         seed: Tensor, temperature: float, strategy_id: int, top_k: int, top_p: float,
                         backend: str, sparam: Tensor | None = None,
                         defer_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _step_impl(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, top_k, top_p,
+                      backend, sparam, defer_ids)
+
+
+def _step_impl(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, top_k, top_p, backend,
+               sparam=None, defer_ids=None):
+    """The op's implementation: the backend's fused step (or the slot pass + the shared selection)."""
     if strategy_id >= _SPLIT or defer_ids is not None:
         return _split_step(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id, top_k, top_p,
                            backend, sparam, defer_ids)
@@ -160,10 +167,10 @@ def _tau_budget_step_op(logits: Tensor, block: Tensor, mask_id: int, tau32: Tens
             return torch.where(commit, tokens, block), commit, tokens, conf, num, risk
         return tau_budget_step_torch(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id,
                                      top_k, top_p)
-    if backend == "cpp":
-        from .cpu import tau_budget_step_cpu
+    if backend == "cpp":  # the contract is the op's own (checked by its entry points)
+        from .cpu import launch_step_cpu
 
-        return tau_budget_step_cpu(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id)
+        return launch_step_cpu(logits, block, mask_id, tau32, bud, floor, seed, temperature, strategy_id)
     if backend == "triton":
         from .triton import tau_budget_step_triton
 
@@ -304,6 +311,24 @@ def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float |
         _fail(fn, f"block must be int64, got {block.dtype}")
     if block.device != logits.device:
         _fail(fn, f"block is on {block.device} but logits are on {logits.device}")
+    _check_options(fn, V, mask_id, temperature, top_k, top_p, generator)
+    sid = _strategy_id(fn, strategy)
+    tau32, bud, fl = _params(fn, R, logits.device, tau, m, floor)
+    sparam = _strategy_param(fn, R, logits.device, sid, gamma, factor)
+    dids = _defer_ids(fn, defer_ids, V, logits.device)
+    name = _backend.pick(fn, logits.device, backend)
+    logits = logits.detach()  # the decode step is not differentiable
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    temperature = float(temperature)
+    seed = _draw_seed(generator, logits.device) if temperature > 0 or strategy == "random" else \
+        _zero_seed(logits.device)
+    out = _tau_budget_step_op(logits, block, mask_id, tau32, bud, fl, seed, temperature, sid, int(top_k),
+                              float(top_p), name, sparam, dids)
+    return StepOutput(*out)
+
+
+def _check_options(fn: str, V: int, mask_id, temperature, top_k, top_p, generator) -> None:
     if isinstance(mask_id, bool) or not isinstance(mask_id, int) or not 0 <= mask_id < V:
         _fail(fn, f"mask_id must be an int in [0, V={V}), got {mask_id!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
@@ -314,29 +339,106 @@ def tau_budget_step(logits: Tensor, block: Tensor, mask_id: int, *, tau: float |
         _fail(fn, f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         _fail(fn, f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    sid = _strategy_id(fn, strategy)
-    tau32, bud, fl = _params(fn, R, logits.device, tau, m, floor)
-    sparam = _strategy_param(fn, R, logits.device, sid, gamma, factor)
-    dids = _defer_ids(fn, defer_ids, V, logits.device)
-    name = _backend.pick(fn, logits.device, backend)
-    logits = logits.detach()  # the decode step is not differentiable
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    temperature = float(temperature)
-    if temperature > 0 or strategy == "random":
-        gdev = generator.device if generator is not None else logits.device
-        seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
-        seed = seed.to(logits.device, non_blocking=True)
-    else:
-        seed = _zero_seed(logits.device)
-    out = _tau_budget_step_op(logits, block, mask_id, tau32, bud, fl, seed, temperature, sid, int(top_k),
-                              float(top_p), name, sparam, dids)
-    return StepOutput(*out)
+
+
+def _draw_seed(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """One int64 seed per call from ``generator`` (on the generator's device), moved to ``device`` without a sync."""
+    gdev = generator.device if generator is not None else device
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
+    return seed.to(device, non_blocking=True)
 
 
 @functools.lru_cache(maxsize=8)
 def _zero_seed(device: torch.device) -> Tensor:
     return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+class PreparedStep:
+    """:func:`tau_budget_step` for an engine that calls it every step with the same options: everything but
+    the per-step inputs is checked and resolved once (rule, backend, τ / m / γ / factor, the deferred ids),
+    and each call goes straight to the op's implementation (through the registered op while torch.compile
+    traces). Made by :func:`prepare_step`.
+
+    ``step(logits, block, floor)``: logits [R, K, V] on the prepared device with the prepared V, block [R, K]
+    int64, floor an int or an [R] integer tensor. R may change between calls. The caller owns these inputs:
+    they are not checked again (the public entry point checks them on every call). Results are identical to
+    :func:`tau_budget_step` with the same arguments (and the same generator state)."""
+
+    def __init__(self, V: int, mask_id: int, device: torch.device | str, *, tau: float = 0.9, m: float = 1.0,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, strategy: str = "tau_budget", backend: str | None = None,
+                 gamma: float = 0.1, factor: float = 1.0, defer_ids=None):
+        fn = "prepare_step"
+        if isinstance(V, bool) or not isinstance(V, int) or not 1 <= V < 2**31:
+            _fail(fn, f"V must be an int in [1, 2^31), got {V!r}")
+        _check_options(fn, V, mask_id, temperature, top_k, top_p, generator)
+        for name, value in (("tau", tau), ("m", m), ("gamma", gamma), ("factor", factor)):
+            if isinstance(value, Tensor):
+                _fail(fn, f"{name} must be a float here (per-row tensors: call tau_budget_step), got a tensor")
+        self.device = torch.device(device)
+        self.sid = _strategy_id(fn, strategy)
+        self.tau = float(_row_param(fn, "tau", tau, 1, self.device, integer=False, lo=0.0, hi=1.0, lo_open=True,
+                                    hi_open=True))
+        self.m = float(_row_param(fn, "m", m, 1, self.device, integer=False, lo=0.0, hi=None, lo_open=False,
+                                  hi_open=False))
+        self.sval = None
+        if self.sid in (3, 4):
+            self.sval = float(_strategy_param(fn, 1, self.device, self.sid, gamma, factor)[0])
+        self.defer = _defer_ids(fn, defer_ids, V, self.device)
+        self.backend = _backend.pick("tau_budget_step", self.device, backend)
+        self.V = V
+        self.mask_id, self.temperature, self.top_k, self.top_p = mask_id, float(temperature), int(top_k), float(top_p)
+        self.generator = generator
+        self.seeded = self.temperature > 0 or strategy == "random"
+        self._rows: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {}
+
+    def _row_tensors(self, R: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        got = self._rows.get(R)
+        if got is None:
+            tau32, bud, _ = _scalar_params(R, self.device, self.tau, self.m, 0)
+            sp = None if self.sval is None else torch.full((R,), self.sval, dtype=torch.float64, device=self.device)
+            got = self._rows[R] = (tau32, bud, sp)
+        return got
+
+    def __call__(self, logits: Tensor, block: Tensor, floor: int | Tensor) -> StepOutput:
+        # the kernels' memory contract, in a few attribute reads (values are the caller's business)
+        if not (isinstance(logits, Tensor) and logits.dim() == 3 and logits.shape[2] == self.V
+                and 1 <= logits.shape[1] <= MAX_BLOCK and logits.dtype in _FLOAT_DTYPES
+                and logits.device.type == self.device.type and isinstance(block, Tensor)
+                and block.shape == logits.shape[:2] and block.dtype == torch.int64 and block.device == logits.device):
+            _fail("PreparedStep", f"expects logits [R, K<={MAX_BLOCK}, V={self.V}] bf16/fp16/fp32 on "
+                                  f"{self.device.type} and block [R, K] int64 beside them, got "
+                                  f"{_describe(logits)} and {_describe(block)}")
+        if isinstance(floor, Tensor) and (floor.shape != logits.shape[:1] or floor.is_floating_point()):
+            _fail("PreparedStep", f"floor must be an int or an integer [R] tensor, got {_describe(floor)}")
+        R = logits.shape[0]
+        if isinstance(floor, Tensor):
+            tau32, bud, sparam = self._row_tensors(R)
+            fl = floor.to(torch.int32)
+            if self.m <= 0:  # m_eff = floor: b = fp32(f · (1 − τ)), the product in fp64
+                bud = (fl.to(torch.float64) * (1.0 - self.tau)).to(torch.float32)
+        else:
+            tau32, bud, fl = _scalar_params(R, self.device, self.tau, self.m, int(floor))
+            sparam = self._row_tensors(R)[2]
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()
+        seed = _draw_seed(self.generator, logits.device) if self.seeded else _zero_seed(logits.device)
+        args = (logits.detach(), block, self.mask_id, tau32, bud, fl, seed, self.temperature, self.sid, self.top_k,
+                self.top_p, self.backend, sparam, self.defer)
+        out = _tau_budget_step_op(*args) if torch.compiler.is_compiling() else _step_impl(*args)
+        return StepOutput(*out)
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"{str(x.dtype).replace('torch.', '')} {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
+def prepare_step(V: int, mask_id: int, device: torch.device | str, **options) -> PreparedStep:
+    """A :class:`PreparedStep`: ``tau_budget_step`` with ``options`` (tau, m, temperature, top_k, top_p,
+    generator, strategy, backend, gamma, factor, defer_ids; scalars) checked once, for a decode loop."""
+    return PreparedStep(V, mask_id, device, **options)
 
 
 def tau_budget_select(confidence: Tensor, masked: Tensor, *, tau: float | Tensor = 0.9, m: float | Tensor = 1.0,
@@ -380,9 +482,7 @@ def tau_budget_select(confidence: Tensor, masked: Tensor, *, tau: float | Tensor
     if sid == 5:
         if generator is not None and not isinstance(generator, torch.Generator):
             _fail(fn, f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        gdev = generator.device if generator is not None else confidence.device
-        seed = torch.randint(-(2**63), 2**63 - 1, (1,), generator=generator, device=gdev, dtype=torch.int64)
-        seed = seed.to(confidence.device, non_blocking=True)
+        seed = _draw_seed(generator, confidence.device)
     name = _backend.pick(fn, confidence.device, backend)
     return _tau_budget_select_op(confidence.detach().to(torch.float32), masked, tau32, bud, fl, sid, name, sparam,
                                  entropy, seed)
