@@ -28,9 +28,15 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{message} (see {self.prog} --help)", 2)
 
 
-def _fail(message: str, code: int):
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: one line, from rank 0
+def _fail(message: str, code: int, every_rank: bool = False):
+    # under torchrun every rank fails alike: one line, from rank 0; a peer failure is reported by every rank
+    # still alive (rank 0 may be the one that stalled) and leaves at once: the process group is not torn down
+    # in order (that would wait for the missing rank again)
+    if every_rank or os.environ.get("RANK", "0") == "0":
         print(f"slim-rl: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    if every_rank:
+        sys.stdout.flush()
+        os._exit(code)
     raise SystemExit(code)
 
 
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         _fail(str(e), 2)
     except TrainingError as e:
-        _fail(str(e), 1)
+        _fail(str(e), 1, every_rank=getattr(e, "every_rank", False))
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in _RL_EXTRA:
             raise

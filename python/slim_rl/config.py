@@ -223,6 +223,8 @@ class DistConfig:
                        choices=("auto", "gloo", "nccl"))
     cpu_offload: bool = key(False, "fsdp: keep parameters, gradients and AdamW state in CPU memory (FSDP2 "
                             "CPUOffloadPolicy; the optimizer steps on the CPU)")
+    timeout_s: float = key(600.0, "a collective that waits longer than this (a rank died or stalls) ends the run "
+                           "on the ranks still alive, with one line naming the phase and the rank", gt=0)
 
 
 def _cross_checks(c: Config) -> list[str]:

@@ -42,7 +42,7 @@ def prepare(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     are removed, and with ``overwrite`` the earlier run's files go only once SFT has succeeded.
     """
     check_run_folder(cfg.train.out_dir, resume=resume, overwrite=overwrite)
-    info = D.init(cfg.dist.backend)
+    info = D.init(cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     model = build_model(cfg, info.device)

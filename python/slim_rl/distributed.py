@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import gc
 import os
 from typing import Any
@@ -33,7 +34,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "init", "all_gather_objects", "any_true", "broadcast_parameters", "wrap_ddp",
-           "wrap_fsdp", "fsdp_units", "barrier", "shutdown"]
+           "wrap_fsdp", "fsdp_units", "barrier", "shutdown",
+           "peer_failure", "abandon"]
 
 
 class DistInfo:
@@ -52,8 +54,11 @@ class DistInfo:
         return f"DistInfo(rank={self.rank}, world={self.world}, device={self.device}, active={self.active})"
 
 
-def init(backend: str = "auto", device: str | None = None) -> DistInfo:
-    """Start the process group when launched by torchrun (WORLD_SIZE > 1); else a single process."""
+def init(backend: str = "auto", device: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1); else a single process.
+
+    ``timeout_s``: how long any collective may wait for the other ranks before it raises (torch's default when
+    None); see :func:`peer_failure`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
@@ -65,7 +70,8 @@ def init(backend: str = "auto", device: str | None = None) -> DistInfo:
     if backend == "auto":
         backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=float(timeout_s))}
+        dist.init_process_group(backend=backend, **kw)
         atexit.register(_destroy_at_exit)  # ranks leave together; no gloo thread is torn down mid-flight
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, device, True)
 
@@ -147,7 +153,29 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+_PEER_MARKERS = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "nccl",
+                 "gloo", "socket", "peer")
+_abandoned = False
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that timed out or lost a peer (gloo: "Timed out waiting ... for recv",
+    "Connection closed by peer"; NCCL: DistBackendError / watchdog timeouts), not an error of this rank's own."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in msg for m in _PEER_MARKERS)
+
+
+def abandon() -> None:
+    """After a peer failure: leave without the exit barrier (it would wait for the dead rank again)."""
+    global _abandoned
+    _abandoned = True
+
+
 def _destroy_at_exit() -> None:
+    if _abandoned:
+        return
     if dist.is_initialized():
         try:
             dist.barrier()

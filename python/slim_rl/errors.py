@@ -27,3 +27,10 @@ class CheckpointError(UserError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite updates); the message says why."""
+
+
+class PeerFailure(TrainingError):
+    """A collective timed out or lost a peer (another rank died or stalls). Raised on every rank still alive,
+    each of which reports it (the failing rank is not necessarily rank 0)."""
+
+    every_rank = True

@@ -49,7 +49,7 @@ from slim_rl import lora as LoRA
 from slim_rl import precision as P
 from slim_rl.advantages import compute_advantages
 from slim_rl.config import Config, save_config, to_dict
-from slim_rl.errors import ConfigError, TrainingError
+from slim_rl.errors import ConfigError, PeerFailure, TrainingError
 from slim_rl.tasks import Example, make_task, pad_left
 
 __all__ = ["RolloutBatch", "Scorer", "Trainer", "TrainingError", "build_model", "noisy_stream_hidden", "seeded"]
@@ -246,7 +246,8 @@ class Trainer:
     def __init__(self, cfg: Config, *, model: torch.nn.Module | None = None, task=None,
                  info: D.DistInfo | None = None, device: str | None = None, overwrite: bool = False):
         self.cfg = cfg.validate()
-        self.info = info or D.init(cfg.dist.backend, device)
+        self.info = info or D.init(cfg.dist.backend, device, cfg.dist.timeout_s)
+        self.phase = "startup"  # what the run is doing (named when a peer fails)
         self.device = self.info.device if device is None else device
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -842,8 +843,10 @@ class Trainer:
     def rl_step(self) -> dict[str, Any]:
         t0 = time.time()
         step = self.step + 1
+        self.phase = f"RL step {step}, rollout"
         batch = self.rollout(step)
         t_roll = time.time() - t0
+        self.phase = f"RL step {step}, update"
         rec = {"step": step, **self.update(batch, step)}
         st = batch.stats
         rec.update({
@@ -873,9 +876,23 @@ class Trainer:
               on_step=None) -> list[dict[str, Any]]:
         """Run RL steps until ``train.steps`` (or ``train.time_limit_s``); the last step is always
         checkpointed. Returns the metric records."""
+        try:
+            return self._train(resume, progress, on_step)
+        except Exception as e:
+            if not (self.info.active and D.peer_failure(e)):
+                raise
+            D.abandon()
+            first = " ".join(str(e).split())[:300]
+            raise PeerFailure(f"rank {self.info.rank} of {self.info.world}: {self.phase}: a collective failed — "
+                              f"another rank died or stalled longer than dist.timeout_s="
+                              f"{self.cfg.dist.timeout_s:g} s ({type(e).__name__}: {first})") from None
+
+    def _train(self, resume, progress, on_step) -> list[dict[str, Any]]:
         tc = self.cfg.train
+        self.phase = "startup"
         self.clean_stale()
         if resume:
+            self.phase = "resume"
             self.resume()
         if not self.overwrite:
             self.claim_folder()
@@ -892,6 +909,7 @@ class Trainer:
             while self.step < tc.steps:
                 rec = self.rl_step()
                 if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+                    self.phase = f"RL step {self.step}, evaluation"
                     rec["eval_accuracy"] = self.evaluate()["accuracy"]
                 self._log(rec)
                 if bar is not None:
@@ -902,10 +920,12 @@ class Trainer:
                     on_step(rec)
                 self._check_streak()
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                    self.phase = f"RL step {self.step}, checkpoint"
                     self.save()
                 if tc.time_limit_s and time.time() - t_start > tc.time_limit_s:
                     break
             if self._last_saved < self.step:  # the last step is always saved
+                self.phase = f"RL step {self.step}, checkpoint"
                 self.save()
         finally:
             if bar is not None:

@@ -295,3 +295,93 @@ def test_fsdp_torchrun_kill_and_resume_equals_uninterrupted(tmp_path):
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], sys.argv[3])
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """RANK -> pid of the workers a torchrun process (``parent``) started."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            with open(f"/proc/{d}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            if b"RANK" in env:
+                out[int(env[b"RANK"])] = int(d)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_stalled_rank_ends_the_run_within_the_timeout(tmp_path):
+    """``torchrun --nproc_per_node=2 -m slim_rl train dist.timeout_s=10``: rank 0 is stopped (SIGSTOP) mid-run;
+    rank 1 leaves within dist.timeout_s + 30 s with exit code 1 and one line naming its rank and the phase, and
+    torchrun ends the run (exit code 1) instead of waiting forever."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "python")]),
+           "OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": ""}
+    out, err = str(tmp_path / "run"), str(tmp_path / "stderr.txt")
+    timeout_s = 10
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slim_rl",
+           "train", "--quiet", "--config", "configs/demo.yaml", "--out", out, *CLI_TINY,
+           "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+           "train.steps=100000", "train.checkpoint_every=0", f"dist.timeout_s={timeout_s}"]
+    with open(err, "w") as ef:
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=ef, cwd=ROOT, start_new_session=True)
+    try:
+        metrics = os.path.join(out, "metrics.jsonl")
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and not (
+                os.path.exists(metrics) and len(_records(metrics)) >= 2):
+            time.sleep(0.5)
+        assert p.poll() is None, open(err).read()[-3000:]
+        pids = _worker_pids(p.pid)
+        assert sorted(pids) == [0, 1], pids
+        os.kill(pids[0], signal.SIGSTOP)
+        t_stop = time.time()
+        while _alive(pids[1]) and time.time() - t_stop < timeout_s + 60:
+            time.sleep(0.2)
+        t_rank1 = time.time() - t_stop
+        rc = p.wait(timeout=timeout_s + 120)
+        text = open(err).read()
+        lines = [ln for ln in text.splitlines() if ln.startswith("slim-rl: error:")]
+        assert t_rank1 <= timeout_s + 30, (t_rank1, text[-3000:])
+        assert rc == 1, text[-3000:]
+        assert len(lines) == 1, text[-3000:]
+        assert "rank 1 of 2: RL step" in lines[0] and f"dist.timeout_s={timeout_s}" in lines[0], lines[0]
+        assert "slim_rl/" not in text.replace(lines[0], ""), text[-3000:]  # no worker traceback (torchrun's own
+        print(lines[0])                                                      # report of the failed child stays)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in _worker_pids(p.pid).values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=30)
+
+
+def test_peer_failure_tells_lost_peers_from_own_errors():
+    from slim_rl import distributed as D
+
+    assert D.peer_failure(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for "
+                                       "recv operation to complete"))
+    assert D.peer_failure(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]"))
+    if hasattr(torch.distributed, "DistError"):
+        assert D.peer_failure(torch.distributed.DistError("watchdog"))
+    assert not D.peer_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
+    assert not D.peer_failure(ValueError("timed out"))
